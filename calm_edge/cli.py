@@ -1,0 +1,190 @@
+"""The `calm-edge` command line.
+
+One group per stage of the pipeline. A stage's command is registered here only once it works,
+so `calm-edge --help` lists nothing that is not implemented.
+
+Errors a user can fix are `CalmEdgeError`s: printed as one line, without a traceback, and the
+exit code is 1 (2 for a usage error that click itself catches).
+"""
+import json
+import logging
+import sys
+
+import click
+
+from calm_edge import __version__
+from calm_edge.errors import CalmEdgeError
+
+log = logging.getLogger("calm_edge")
+
+
+class _Group(click.Group):
+    """A click group that turns `CalmEdgeError` into a one-line message and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CalmEdgeError as e:
+            raise click.ClickException(str(e)) from None
+
+    def group(self, *args, **kwargs):
+        kwargs.setdefault("cls", _Group)
+        return super().group(*args, **kwargs)
+
+
+def _progress(ctx):
+    """Whether to draw progress bars: not under --quiet."""
+    return not ctx.find_root().obj.get("quiet", False)
+
+
+def config_options(command):
+    """The options that build a `Config`: --preset, then --config FILE, then --set key=value."""
+    command = click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help="Override one config value, e.g. --set tokenizer.vocab_size=4096 (repeatable).",
+    )(command)
+    command = click.option(
+        "--config", "config_file", type=click.Path(dir_okay=False), default=None,
+        help="A JSON or YAML file with config sections, applied on top of the preset.",
+    )(command)
+    from calm_edge.config import PRESETS
+
+    command = click.option(
+        "--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True,
+        help="Starting configuration: tiny (minutes on a CPU), small (hours on a CPU), base (the paper's sizes).",
+    )(command)
+    return command
+
+
+def _resolve(preset, config_file, overrides):
+    from calm_edge.config import resolve_config
+
+    return resolve_config(preset, config_file, overrides)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="calm-edge")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and results: no progress bars or info logs.")
+@click.pass_context
+def main(ctx, verbose, quiet):
+    """calm-edge: train Continuous Autoregressive Language Models and run them on edge devices."""
+    ctx.ensure_object(dict)
+    ctx.obj["quiet"] = quiet
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(level)
+
+
+# ----- config ---------------------------------------------------------------------------------
+
+
+@main.group()
+def config():
+    """Show and save configurations (presets plus your changes)."""
+
+
+@config.command("show")
+@config_options
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the config to this .json or .yaml file.")
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+def config_show(preset, config_file, overrides, out, fmt):
+    """Print the configuration that --preset, --config and --set build."""
+    import yaml
+
+    resolved = _resolve(preset, config_file, overrides)
+    data = resolved.to_dict()
+    click.echo(json.dumps(data, indent=2) if fmt == "json" else yaml.safe_dump(data, sort_keys=False), nl=fmt == "json")
+    if out:
+        resolved.save(out)
+        click.echo(f"wrote {out}", err=True)
+
+
+# ----- tokenizer -----------------------------------------------------------------------------
+
+
+@main.group()
+def tokenizer():
+    """Train and inspect the SentencePiece tokenizer."""
+
+
+@tokenizer.command("train")
+@click.option("--data", "data", multiple=True, required=True, metavar="PATH",
+              help="A .txt/.jsonl/.jsonl.gz/.jsonl.xz file, a folder of them, or demo:bible (repeatable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the tokenizer to.")
+@click.option("--vocab-size", type=int, default=None, help="Vocabulary size (default: the preset's).")
+@click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text.")
+@click.option("--force", is_flag=True, help="Replace an existing tokenizer folder.")
+@config_options
+@click.pass_context
+def tokenizer_train(ctx, data, out, vocab_size, text_field, force, preset, config_file, overrides):
+    """Train a SentencePiece BPE tokenizer with byte fallback.
+
+    Example: calm-edge tokenizer train --data ../shared/data/wiki-train.jsonl.xz --vocab-size 8192 --out tok
+    """
+    from calm_edge.tokenizer import train_tokenizer
+
+    if vocab_size is not None:
+        overrides = (*overrides, f"tokenizer.vocab_size={vocab_size}")
+    settings = _resolve(preset, config_file, overrides).tokenizer
+    info = train_tokenizer(data, out, settings, text_field=text_field, force=force, progress=_progress(ctx))
+    click.echo(
+        f"tokenizer: vocab {info['vocab_size']}, trained on {info['lines_sampled']:,} of {info['lines']:,} lines "
+        f"in {info['train_seconds']:.1f}s -> {out}"
+    )
+
+
+@tokenizer.command("encode")
+@click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(exists=True),
+              help="Tokenizer folder or tokenizer.model file.")
+@click.argument("text")
+def tokenizer_encode(tokenizer_dir, text):
+    """Print the token ids and pieces of TEXT."""
+    from calm_edge.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_dir)
+    ids = tok.encode(text)
+    click.echo(json.dumps({"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]}, ensure_ascii=False))
+
+
+# ----- data ----------------------------------------------------------------------------------
+
+
+@main.group()
+def data():
+    """Turn text corpora into token shards for training."""
+
+
+@data.command("prepare")
+@click.option("--data", "data", multiple=True, required=True, metavar="PATH",
+              help="A .txt/.jsonl/.jsonl.gz/.jsonl.xz file, a folder of them, or demo:bible (repeatable).")
+@click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(),
+              help="Tokenizer folder (from `calm-edge tokenizer train`).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the shards to.")
+@click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text.")
+@click.option("--valid-fraction", type=float, default=0.01, show_default=True,
+              help="Fraction of documents (chosen by a hash of their text) held out for validation.")
+@click.option("--workers", type=int, default=None, help="Tokenizer processes (default: one per CPU core).")
+@click.option("--shard-tokens", type=int, default=1 << 28, show_default=True, help="Tokens per shard file.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.pass_context
+def data_prepare(ctx, data, tokenizer_dir, out, text_field, valid_fraction, workers, shard_tokens, force):
+    """Tokenize documents (eos after each) into memory-mapped shards plus index.json.
+
+    Example: calm-edge data prepare --data ../shared/data/wiki-train.jsonl.xz --tokenizer tok --out shards
+    """
+    from calm_edge.data import prepare_shards
+
+    result = prepare_shards(data, tokenizer_dir, out, text_field=text_field, valid_fraction=valid_fraction,
+                            workers=workers, shard_tokens=shard_tokens, force=force, progress=_progress(ctx))
+    splits = result["splits"]
+    click.echo(
+        f"prepared {splits['train']['tokens']:,} train and {splits['valid']['tokens']:,} valid tokens "
+        f"({result['dtype']}, {result['characters_per_token']:.2f} chars/token) in {result['seconds']:.1f}s "
+        f"with {result['workers']} workers -> {out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

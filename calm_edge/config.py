@@ -1,0 +1,345 @@
+"""Typed configuration for every stage of the pipeline, and the presets.
+
+One `Config` holds the tokenizer, the three models (autoencoder, CALM, token-by-token AR
+baseline) and the training settings of each model. It is what a checkpoint stores next to its
+weights, so a checkpoint is self-describing.
+
+Configs load from and save to JSON or YAML (by file extension). On the command line a run
+starts from `--preset NAME` (default `tiny`), then `--config FILE`, then each `--set key=value`
+override, in that order. Unknown keys and values of the wrong type are `ConfigError`s that name
+the key.
+
+Presets:
+  tiny   the whole pipeline in minutes on 2 CPU cores (tests, quickstart)
+  small  the reference model, trained on ../shared/data on a CPU machine in a few hours
+  base   the paper's CALM-M dimensions against Transformer-S, for GPU clusters
+"""
+import copy
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from calm_edge.errors import ConfigError
+
+
+@dataclass
+class TokenizerConfig:
+    """A SentencePiece BPE model with byte fallback: no text is ever lost or mapped to unk."""
+
+    vocab_size: int = 8192
+    character_coverage: float = 0.9995  # characters outside it are spelled as UTF-8 bytes
+    max_sentences: int = 1_000_000  # lines sampled for training when the corpus has more
+    # Reserved ids. The byte-fallback pieces <0x00>..<0xFF> follow them, then the learned pieces.
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    unk_id: int = 3
+
+    @property
+    def reserved_ids(self):
+        return {"pad": self.pad_id, "bos": self.bos_id, "eos": self.eos_id, "unk": self.unk_id}
+
+    @property
+    def min_vocab_size(self):
+        # 4 reserved ids + 256 byte pieces + room for at least a few learned merges.
+        return len(self.reserved_ids) + 256 + 16
+
+
+@dataclass
+class AutoencoderConfig:
+    """Compresses each chunk of K tokens into one latent vector and back (paper section 2)."""
+
+    chunk_size: int = 4  # K: tokens per latent vector
+    hidden_size: int = 512
+    latent_size: int = 128
+    intermediate_size: int = 1024  # width of the residual MLP layers
+    num_encoder_layers: int = 2  # residual MLP layers on each side of the chunk projection
+    num_decoder_layers: int = 2
+    # Robustness, part of the method: a variational posterior whose per-dimension KL is clamped
+    # and weighted, dropout on the sampled latent, and masked input tokens during training.
+    kl_clamp: float = 0.5
+    kl_weight: float = 1e-3
+    latent_dropout: float = 0.15
+    token_mask_prob: float = 0.15
+
+
+@dataclass
+class BackboneConfig:
+    """A Llama-style Transformer: RMSNorm, rotary positions, SwiGLU, grouped KV heads."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 2752
+    num_layers: int = 16
+    num_heads: int = 16
+    num_kv_heads: int = 4
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_positions: int = 2048  # CALM: vectors; AR: tokens
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class CalmConfig:
+    """The CALM language model: backbone over chunk vectors plus an energy-based head."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    noise_size: int = 64  # uniform noise the energy head refines into a latent
+    energy_head_layers: int = 4
+    num_model_samples: int = 8  # N samples from the head per position for the energy score
+    num_target_samples: int = 100  # M samples from the autoencoder posterior of the target
+    energy_beta: float = 1.0  # distance exponent of the energy score
+
+
+@dataclass
+class ARConfig:
+    """The token-by-token baseline: the same backbone class with a softmax head."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one model's training run."""
+
+    max_steps: int = 10_000
+    batch_size: int = 32
+    seq_len: int = 512  # tokens per training window; a multiple of K
+    grad_accum_steps: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 500
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    bf16: bool = False  # bfloat16 autocast
+    eval_every: int = 500
+    eval_batches: int = 20
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 1234
+
+
+@dataclass
+class Config:
+    """Everything one experiment needs: tokenizer, models and their training."""
+
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    calm: CalmConfig = field(default_factory=CalmConfig)
+    ar: ARConfig = field(default_factory=ARConfig)
+    train_autoencoder: TrainConfig = field(default_factory=TrainConfig)
+    train_calm: TrainConfig = field(default_factory=TrainConfig)
+    train_ar: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self):
+        """Check values that each make sense alone but not together. Returns self."""
+        tok, ae = self.tokenizer, self.autoencoder
+        if tok.vocab_size < tok.min_vocab_size:
+            raise ConfigError(
+                f"tokenizer.vocab_size={tok.vocab_size} is too small: the 4 reserved ids and 256 byte "
+                f"pieces need at least {tok.min_vocab_size}; set tokenizer.vocab_size >= {tok.min_vocab_size}"
+            )
+        if sorted(tok.reserved_ids.values()) != list(range(4)):
+            raise ConfigError(
+                f"tokenizer reserved ids {tok.reserved_ids} must be 0, 1, 2, 3 in some order "
+                "(byte pieces start right after them)"
+            )
+        if ae.chunk_size < 1:
+            raise ConfigError(f"autoencoder.chunk_size={ae.chunk_size} must be at least 1")
+        for name in ("latent_dropout", "token_mask_prob"):
+            value = getattr(ae, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"autoencoder.{name}={value} must be in [0, 1)")
+        for section in ("calm", "ar"):
+            bb = getattr(self, section).backbone
+            if bb.hidden_size % bb.num_heads:
+                raise ConfigError(
+                    f"{section}.backbone.hidden_size={bb.hidden_size} is not divisible by num_heads={bb.num_heads}"
+                )
+            if bb.num_heads % bb.num_kv_heads:
+                raise ConfigError(
+                    f"{section}.backbone.num_heads={bb.num_heads} is not divisible by num_kv_heads={bb.num_kv_heads}"
+                )
+        for section in ("train_autoencoder", "train_calm", "train_ar"):
+            seq_len = getattr(self, section).seq_len
+            if seq_len % ae.chunk_size:
+                raise ConfigError(
+                    f"{section}.seq_len={seq_len} is not a multiple of autoencoder.chunk_size={ae.chunk_size}"
+                )
+        return self
+
+    # ----- conversion ------------------------------------------------------------------------
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data, base=None):
+        """Build a Config from a (possibly partial) dict, on top of `base` (defaults if None)."""
+        config = copy.deepcopy(base) if base is not None else cls()
+        _merge_into(config, data, prefix="")
+        return config.validate()
+
+    def save(self, path):
+        """Write to `path` as JSON or YAML, chosen by its extension."""
+        from calm_edge.fileio import write_bytes_atomic
+
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        else:
+            text = json.dumps(self.to_dict(), indent=2) + "\n"
+        write_bytes_atomic(path, text.encode("utf-8"))
+
+    @classmethod
+    def load(cls, path, base=None):
+        """Read a JSON or YAML file (whole or partial config) on top of `base`."""
+        return cls.from_dict(read_config_file(path), base=base)
+
+    def with_overrides(self, assignments):
+        """Apply `key=value` strings, e.g. `calm.backbone.num_layers=4` or `train_ar.bf16=true`."""
+        config = copy.deepcopy(self)
+        for assignment in assignments:
+            key, sep, raw = assignment.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"override {assignment!r} is not of the form key=value, e.g. train_ar.lr=1e-3")
+            # YAML parsing turns "4" into 4, "true" into True and "1e-3" into 0.001.
+            value = yaml.safe_load(raw) if raw.strip() else raw
+            nested = value
+            for part in reversed(key.strip().split(".")):
+                nested = {part: nested}
+            _merge_into(config, nested, prefix="")
+        return config.validate()
+
+
+def read_config_file(path):
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; pass an existing JSON or YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def _merge_into(obj, data, prefix):
+    """Set the fields of dataclass `obj` from `data`, checking names and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for key, value in data.items():
+        path = prefix + str(key)
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key {path!r}; known keys here: {known}")
+        expected = hints[key]
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge_into(current, value, prefix=path + ".")
+        else:
+            setattr(obj, key, _checked_value(path, value, expected))
+
+
+def _checked_value(path, value, expected):
+    # bool is a subclass of int in Python; a flag must be a real bool and a count a real int.
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif expected is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - every field above is one of the four
+        raise TypeError(f"unsupported config type {expected} for {path}")
+    if not ok:
+        raise ConfigError(f"config key {path!r} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+# ----- presets -------------------------------------------------------------------------------
+
+
+def _tiny():
+    backbone = dict(hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4, num_kv_heads=2, max_positions=256)
+    train = dict(max_steps=300, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=20, eval_every=100,
+                 eval_batches=4, save_every=100, log_every=10)
+    return {
+        "tokenizer": dict(vocab_size=1024),
+        "autoencoder": dict(chunk_size=4, hidden_size=64, latent_size=16, intermediate_size=128,
+                            num_encoder_layers=1, num_decoder_layers=1),
+        "calm": dict(backbone=backbone, noise_size=16, energy_head_layers=2),
+        "ar": dict(backbone=backbone),
+        "train_autoencoder": train,
+        "train_calm": train,
+        "train_ar": train,
+    }
+
+
+def _small():
+    backbone = dict(hidden_size=384, intermediate_size=1024, num_layers=6, num_heads=6, num_kv_heads=2, max_positions=512)
+    return {
+        "tokenizer": dict(vocab_size=8192),
+        "autoencoder": dict(chunk_size=4, hidden_size=256, latent_size=64, intermediate_size=512,
+                            num_encoder_layers=2, num_decoder_layers=2),
+        "calm": dict(backbone=backbone, noise_size=64, energy_head_layers=3),
+        "ar": dict(backbone=backbone),
+        "train_autoencoder": dict(max_steps=6000, batch_size=32, seq_len=128, lr=1e-3, warmup_steps=300,
+                                  eval_every=500, save_every=500),
+        "train_calm": dict(max_steps=12_000, batch_size=16, seq_len=512, lr=6e-4, warmup_steps=500),
+        "train_ar": dict(max_steps=12_000, batch_size=16, seq_len=512, lr=6e-4, warmup_steps=500),
+    }
+
+
+def _base():
+    # The paper's pairing: CALM-M (hidden 1024, 16 layers) against Transformer-S (hidden 768,
+    # 12 layers), with Llama-3's vocabulary size and the paper's autoencoder (512 / 128).
+    return {
+        "tokenizer": dict(vocab_size=128_256, max_sentences=2_000_000),
+        "autoencoder": dict(chunk_size=4, hidden_size=512, latent_size=128, intermediate_size=1024,
+                            num_encoder_layers=2, num_decoder_layers=2),
+        "calm": dict(backbone=dict(hidden_size=1024, intermediate_size=2752, num_layers=16, num_heads=16,
+                                   num_kv_heads=4, max_positions=2048), noise_size=64, energy_head_layers=4),
+        "ar": dict(backbone=dict(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
+                                 num_kv_heads=4, max_positions=8192)),
+        "train_autoencoder": dict(max_steps=30_000, batch_size=512, seq_len=2048, lr=3e-4, bf16=True),
+        "train_calm": dict(max_steps=250_000, batch_size=256, seq_len=2048, lr=3e-4, bf16=True, warmup_steps=2000),
+        "train_ar": dict(max_steps=250_000, batch_size=256, seq_len=2048, lr=3e-4, bf16=True, warmup_steps=2000),
+    }
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "base": _base}
+
+
+def preset(name):
+    """The named preset as a validated Config."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return Config.from_dict(PRESETS[name]())
+
+
+def resolve_config(preset_name="tiny", config_file=None, overrides=()):
+    """Preset, then config file, then `key=value` overrides: what the CLI's options build."""
+    config = preset(preset_name)
+    if config_file is not None:
+        config = Config.load(config_file, base=config)
+    return config.with_overrides(overrides)

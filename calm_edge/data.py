@@ -1,0 +1,420 @@
+"""The data pipeline: text files in, memory-mapped token shards out, training windows back.
+
+Reading. A source is a file, a folder (searched recursively, in sorted order) or `demo:bible`.
+  `.txt`                              the whole file is one document
+  `.jsonl`, `.jsonl.gz`, `.jsonl.xz`  one document per line, its text under `text_field`
+
+Preparing (`prepare_shards`). Documents are tokenized by worker processes, an eos id is appended
+after each, and each document goes to the train or the valid split by a hash of its text (so the
+split does not depend on order or worker count). Tokens are written to flat binary shards,
+`{split}_{n:04d}.bin`, as uint16 when the vocabulary fits and uint32 otherwise, with an
+`index.json` that lists files, token counts and the tokenizer's sha256. The same inputs give
+byte-identical output. The folder appears only when complete.
+
+Loading (`TokenShards`, `WindowLoader`). Shards are memory-mapped; a loader cuts them into
+non-overlapping windows of a fixed length (a multiple of K) and serves batches in a seeded
+order per epoch, which `state_dict()` / `load_state_dict()` resume exactly.
+"""
+import gzip
+import hashlib
+import json
+import logging
+import lzma
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from calm_edge import demo_corpus
+from calm_edge.errors import DataError
+from calm_edge.fileio import atomic_output_dir, write_json_atomic
+from calm_edge.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.json"
+INDEX_FORMAT = "calm-edge-token-shards"
+INDEX_VERSION = 1
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz")
+TEXT_SUFFIXES = (".txt",)
+SPLITS = ("train", "valid")
+
+
+# ----- reading documents ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Document:
+    source: str  # file path or demo corpus name
+    line: int  # 1-based line of a JSONL file (chapter of the demo corpus); 0 for a whole file
+    text: str
+
+
+def expand_sources(sources):
+    """The files to read, in order: folders are searched recursively and sorted."""
+    if not sources:
+        raise DataError("no data given; pass at least one --data PATH (a file, a folder, or demo:bible)")
+    files = []
+    for source in sources:
+        source = str(source)
+        if source == demo_corpus.SOURCE_NAME:
+            files.append(source)
+            continue
+        path = Path(source)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _is_supported(p))
+            if not found:
+                raise DataError(
+                    f"folder {path} holds no .txt, .jsonl, .jsonl.gz or .jsonl.xz files; point --data at text files"
+                )
+            files.extend(str(p) for p in found)
+        elif path.is_file():
+            if not _is_supported(path):
+                raise DataError(
+                    f"{path}: unsupported file type; calm-edge reads .txt, .jsonl, .jsonl.gz and .jsonl.xz"
+                )
+            files.append(str(path))
+        else:
+            raise DataError(f"data file {path} does not exist; check the --data path")
+    return files
+
+
+def _is_supported(path):
+    return path.name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES)
+
+
+def iter_documents(sources, text_field="text", progress=False, desc="reading"):
+    """Yield every `Document` of `sources`, in order."""
+    files = expand_sources(sources)
+    bar = tqdm(total=None, unit=" docs", desc=desc, disable=not progress, leave=False)
+    for file in files:
+        for document in _read_file(file, text_field):
+            bar.update(1)
+            yield document
+    bar.close()
+
+
+def _read_file(file, text_field):
+    if file == demo_corpus.SOURCE_NAME:
+        for number, (_, text) in enumerate(demo_corpus.iter_bible_chapters(), start=1):
+            yield Document(file, number, text)
+        return
+    try:
+        if file.endswith(TEXT_SUFFIXES):
+            with open(file, encoding="utf-8") as f:
+                yield Document(file, 0, f.read())
+            return
+        opener = {".gz": gzip.open, ".xz": lzma.open}.get(Path(file).suffix, open)
+        with opener(file, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    yield Document(file, number, _text_of_json_line(file, number, line, text_field))
+    except PermissionError:
+        raise DataError(f"cannot read {file}: permission denied; check the file's permissions") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file} is not valid UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    except (lzma.LZMAError, gzip.BadGzipFile, EOFError, OSError) as e:
+        raise DataError(
+            f"{file} is corrupt or truncated ({type(e).__name__}: {e}); re-download or re-compress it"
+        ) from None
+
+
+def _text_of_json_line(file, number, line, text_field):
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{file}:{number}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    if not isinstance(record, dict) or text_field not in record:
+        keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+        raise DataError(
+            f"{file}:{number}: no {text_field!r} field (found: {keys}); pass --text-field with the field that holds the text"
+        )
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise DataError(f"{file}:{number}: field {text_field!r} is {type(text).__name__}, not a string")
+    return text
+
+
+# ----- preparing shards ----------------------------------------------------------------------
+
+
+def token_dtype(vocab_size):
+    """The smallest unsigned dtype that holds every id of the vocabulary."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def is_valid_document(text, valid_fraction):
+    """Whether a document goes to the valid split: a stable hash of its text, not its position."""
+    if valid_fraction <= 0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < valid_fraction * 2**64
+
+
+# Worker-process state: each worker loads the tokenizer once.
+_worker = {}
+
+
+def _init_worker(tokenizer_path, valid_fraction, dtype):
+    _worker.update(tokenizer=Tokenizer(tokenizer_path), valid_fraction=valid_fraction, dtype=np.dtype(dtype))
+
+
+def _encode_batch(batch):
+    """Tokenize a `(source, texts)` batch: its source, tokens and document count per split, characters."""
+    source, texts = batch
+    tokenizer, dtype = _worker["tokenizer"], _worker["dtype"]
+    encoded = tokenizer.encode_batch(texts)
+    parts = {split: [] for split in SPLITS}
+    documents = {split: 0 for split in SPLITS}
+    for text, ids in zip(texts, encoded):
+        split = "valid" if is_valid_document(text, _worker["valid_fraction"]) else "train"
+        ids.append(tokenizer.eos_id)
+        parts[split].append(np.asarray(ids, dtype=dtype))
+        documents[split] += 1
+    arrays = {s: np.concatenate(p) if p else np.empty(0, dtype) for s, p in parts.items()}
+    return source, arrays, documents, sum(len(t) for t in texts)
+
+
+def _batches_of_documents(documents, max_characters=1 << 20):
+    """Group documents into `(source, texts)` batches of about `max_characters`, one source each."""
+    source, batch, size = None, [], 0
+    for document in documents:
+        if batch and (document.source != source or size >= max_characters):
+            yield source, batch
+            batch, size = [], 0
+        source = document.source
+        batch.append(document.text)
+        size += len(document.text)
+    if batch:
+        yield source, batch
+
+
+class _ShardWriter:
+    """Appends tokens to `{split}_{n:04d}.bin` files, starting a new one every `shard_tokens`."""
+
+    def __init__(self, folder, split, dtype, shard_tokens):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.shards = []  # [{"file", "tokens"}]
+        self.documents = 0
+        self._file = None
+
+    def write(self, tokens):
+        while len(tokens):
+            if self._file is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._open_next()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            head, tokens = tokens[:room], tokens[room:]
+            self._file.write(head.tobytes())
+            self.shards[-1]["tokens"] += len(head)
+
+    def _open_next(self):
+        if self._file is not None:
+            self._file.close()
+        name = f"{self.split}_{len(self.shards):04d}.bin"
+        self._file = open(self.folder / name, "wb")
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+        return {
+            "tokens": sum(s["tokens"] for s in self.shards),
+            "documents": self.documents,
+            "shards": self.shards,
+        }
+
+
+def prepare_shards(sources, tokenizer_dir, out, text_field="text", valid_fraction=0.01, workers=None,
+                   shard_tokens=1 << 28, force=False, progress=True):
+    """Tokenize `sources` into token shards in folder `out`. Returns the index plus timings."""
+    if not 0.0 <= valid_fraction < 1.0:
+        raise DataError(f"--valid-fraction {valid_fraction} must be in [0, 1)")
+    if shard_tokens < 1:
+        raise DataError(f"--shard-tokens {shard_tokens} must be positive")
+    tokenizer = Tokenizer(tokenizer_dir)
+    dtype = token_dtype(tokenizer.vocab_size)
+    workers = workers or os.cpu_count() or 1
+    files = expand_sources(sources)  # fail on a missing file before any work starts
+    started = time.perf_counter()
+    stats = {}
+    characters = 0
+
+    with atomic_output_dir(out, force=force, what="prepared data") as tmp:
+        writers = {split: _ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
+        batches = _batches_of_documents(iter_documents(files, text_field))
+        init_args = (str(tokenizer.path), valid_fraction, dtype.str)
+        bar = tqdm(unit=" tok", unit_scale=True, desc="tokenizing", disable=not progress)
+        if workers == 1:
+            _init_worker(*init_args)
+            results = map(_encode_batch, batches)
+            pool = None
+        else:
+            pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init_args)
+            results = pool.imap(_encode_batch, batches)  # ordered: output does not depend on timing
+        try:
+            for source, arrays, documents, batch_characters in results:
+                batch_tokens = sum(len(a) for a in arrays.values())
+                for split in SPLITS:
+                    writers[split].write(arrays[split])
+                    writers[split].documents += documents[split]
+                entry = stats.setdefault(source, {"path": source, "documents": 0, "characters": 0, "tokens": 0})
+                entry["documents"] += sum(documents.values())
+                entry["characters"] += batch_characters
+                entry["tokens"] += batch_tokens
+                characters += batch_characters
+                bar.update(batch_tokens)
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+        splits = {split: writer.close() for split, writer in writers.items()}
+        if splits["train"]["tokens"] == 0:
+            raise DataError(
+                f"no training text in {', '.join(files)}: every document was empty"
+                + (" or went to the valid split; lower --valid-fraction" if valid_fraction else "")
+            )
+        index = {
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "dtype": dtype.name,
+            "tokenizer": {
+                "file": str(tokenizer.path),
+                "sha256": tokenizer.sha256(),
+                "vocab_size": tokenizer.vocab_size,
+                "eos_id": tokenizer.eos_id,
+            },
+            "text_field": text_field,
+            "valid_fraction": valid_fraction,
+            "sources": list(stats.values()),
+            "characters": characters,
+            "splits": splits,
+        }
+        write_json_atomic(tmp / INDEX_FILE, index)
+
+    seconds = time.perf_counter() - started
+    tokens = sum(s["tokens"] for s in splits.values())
+    return {
+        **index,
+        "workers": workers,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens / seconds, 1),
+        "characters_per_token": round(characters / max(tokens, 1), 4),
+    }
+
+
+# ----- loading -------------------------------------------------------------------------------
+
+
+class TokenShards:
+    """A prepared data folder, memory-mapped read-only."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        index_path = self.folder / INDEX_FILE
+        try:
+            self.index = json.loads(index_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(
+                f"{index_path} not found; prepare the data first with `calm-edge data prepare --out {self.folder}`"
+            ) from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{index_path} is corrupt ({e.msg}); prepare the data again") from None
+        if self.index.get("format") != INDEX_FORMAT or self.index.get("version", 0) > INDEX_VERSION:
+            raise DataError(
+                f"{index_path} is not a calm-edge token-shard index of version <= {INDEX_VERSION}; prepare the data again"
+            )
+        self.dtype = np.dtype(self.index["dtype"])
+        self.vocab_size = self.index["tokenizer"]["vocab_size"]
+        self.eos_id = self.index["tokenizer"]["eos_id"]
+
+    def shards(self, split):
+        """The memory-mapped token arrays of one split, in order."""
+        if split not in self.index["splits"]:
+            raise DataError(f"{self.folder} has no split {split!r}; it has {', '.join(self.index['splits'])}")
+        arrays = []
+        for shard in self.index["splits"][split]["shards"]:
+            path = self.folder / shard["file"]
+            expected = shard["tokens"] * self.dtype.itemsize
+            if not path.is_file() or path.stat().st_size != expected:
+                raise DataError(
+                    f"shard {path} is missing or has the wrong size (expected {expected} bytes); prepare the data again"
+                )
+            arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
+        return arrays
+
+    def tokens(self, split):
+        return self.index["splits"][split]["tokens"]
+
+
+class WindowLoader:
+    """Batches of fixed-length token windows in a seeded, resumable order.
+
+    The windows of a split are its shards cut into non-overlapping pieces of `window` tokens
+    (a window never spans two shards). Each epoch visits every window once, in the order of a
+    permutation seeded by `(seed, epoch)`; a batch that runs past the end continues into the
+    next epoch. `state_dict()` records the epoch and the position in it, so a resumed run sees
+    exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, shards: TokenShards, split, window, batch_size, seed=0, chunk_size=1, shuffle=True):
+        if window < 1 or window % chunk_size:
+            raise DataError(f"window length {window} must be a positive multiple of the chunk size K={chunk_size}")
+        if batch_size < 1:
+            raise DataError(f"batch size {batch_size} must be positive")
+        self.split, self.window, self.batch_size, self.seed, self.shuffle = split, window, batch_size, seed, shuffle
+        self._arrays = shards.shards(split)
+        counts = [len(a) // window for a in self._arrays]
+        self.num_windows = sum(counts)
+        if self.num_windows == 0:
+            raise DataError(
+                f"split {split!r} of {shards.folder} has {shards.tokens(split)} tokens, fewer than one window of "
+                f"{window}; use more data or a shorter sequence length"
+            )
+        self._shard_of = np.repeat(np.arange(len(counts)), counts)
+        self._offset_of = np.concatenate([np.arange(c) * window for c in counts])
+        self.epoch = 0
+        self.position = 0
+        self._order = self._order_of(0)
+
+    def _order_of(self, epoch):
+        if not self.shuffle:
+            return np.arange(self.num_windows)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+
+    def next_batch(self):
+        """The next batch, an int64 array of shape [batch_size, window]."""
+        batch = np.empty((self.batch_size, self.window), dtype=np.int64)
+        for row in range(self.batch_size):
+            if self.position == self.num_windows:
+                self.epoch += 1
+                self.position = 0
+                self._order = self._order_of(self.epoch)
+            w = self._order[self.position]
+            start = self._offset_of[w]
+            batch[row] = self._arrays[self._shard_of[w]][start:start + self.window]
+            self.position += 1
+        return batch
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self):
+        return {"split": self.split, "window": self.window, "batch_size": self.batch_size, "seed": self.seed,
+                "shuffle": self.shuffle, "num_windows": self.num_windows, "epoch": self.epoch,
+                "position": self.position}
+
+    def load_state_dict(self, state):
+        mine = self.state_dict()
+        for key in ("split", "window", "batch_size", "seed", "shuffle", "num_windows"):
+            if state.get(key) != mine[key]:
+                raise DataError(
+                    f"cannot resume the data order: saved {key}={state.get(key)!r} but this run has {mine[key]!r}; "
+                    "resume with the same data and settings"
+                )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._order_of(self.epoch)

@@ -1,0 +1,1 @@
+"""Export of trained models to the ONNX model package, its validation and quantization."""

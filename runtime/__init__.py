@@ -1,0 +1,8 @@
+"""The torch-free runtime: what a device needs to run a calm-edge model package.
+
+It may import numpy, onnxruntime and sentencepiece, never torch (a test checks this in a
+process where torch cannot be imported).
+"""
+from calm_edge.tokenizer import Tokenizer
+
+__all__ = ["Tokenizer"]

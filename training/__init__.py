@@ -1,0 +1,1 @@
+"""Training loops for the autoencoder, the CALM model and the token-by-token baseline (torch)."""
