@@ -8,7 +8,6 @@ exit code is 1 (2 for a usage error that click itself catches).
 """
 import json
 import logging
-import sys
 
 import click
 
@@ -16,6 +15,23 @@ from calm_edge import __version__
 from calm_edge.errors import CalmEdgeError
 
 log = logging.getLogger("calm_edge")
+
+
+class _EchoHandler(logging.Handler):
+    """Log records to stderr through click, so they interleave cleanly with tqdm and tests see them."""
+
+    def emit(self, record):
+        click.echo(self.format(record), err=True)
+
+
+def _setup_logging(level):
+    for handler in [h for h in log.handlers if isinstance(h, _EchoHandler)]:
+        log.removeHandler(handler)
+    handler = _EchoHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
 
 
 class _Group(click.Group):
@@ -72,8 +88,7 @@ def main(ctx, verbose, quiet):
     ctx.ensure_object(dict)
     ctx.obj["quiet"] = quiet
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    log.setLevel(level)
+    _setup_logging(level)
 
 
 # ----- config ---------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ class Config:
         if tok.vocab_size < tok.min_vocab_size:
             raise ConfigError(
                 f"tokenizer.vocab_size={tok.vocab_size} is too small: the 4 reserved ids and 256 byte "
-                f"pieces need at least {tok.min_vocab_size}; set tokenizer.vocab_size >= {tok.min_vocab_size}"
+                f"pieces need at least {tok.min_vocab_size}; set tokenizer.vocab_size (--vocab-size) to {tok.min_vocab_size} or more"
             )
         if sorted(tok.reserved_ids.values()) != list(range(4)):
             raise ConfigError(
@@ -265,6 +265,12 @@ def _checked_value(path, value, expected):
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif expected is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; people write learning rates that way.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif expected is str:

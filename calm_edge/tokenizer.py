@@ -16,6 +16,7 @@ A tokenizer folder holds `tokenizer.model` (what a model package ships) and `tok
 import io
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -140,7 +141,13 @@ def train_tokenizer(sources, out, config: TokenizerConfig, text_field="text", fo
         )
     except RuntimeError as e:
         message = str(e)
-        if "Vocabulary size" in message:
+        if "smaller than required_chars" in message:
+            needed = re.search(r"vs (\d+)", message)
+            raise ConfigError(
+                f"vocab size {config.vocab_size} cannot hold the 4 reserved ids, the 256 byte pieces and one piece "
+                f"per character of this corpus; pass --vocab-size {needed.group(1) if needed else 'larger'} or more"
+            ) from None
+        if "Vocabulary size too high" in message:
             raise DataError(
                 f"the corpus is too small for a vocabulary of {config.vocab_size} ({message.strip()}); "
                 "pass a smaller --vocab-size or more text"

@@ -1,0 +1,49 @@
+"""Install and import the package as a user would: torch-free runtime, non-editable install."""
+import shutil
+import subprocess
+import sys
+import venv
+
+from conftest import REPO
+
+
+def test_runtime_imports_without_torch():
+    # sys.modules["torch"] = None makes every `import torch` fail, as on a device without it.
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import calm_edge.runtime, calm_edge.data, calm_edge.tokenizer, calm_edge.config, calm_edge.cli\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_non_editable_install_into_a_fresh_venv(tmp_path):
+    # Build from a copy of the source, as `pip install .` from a clone would.
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "models"))
+    env_dir = tmp_path / "venv"
+    # The system's site-packages provide the dependencies, pip and setuptools, so the test needs no network.
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet", str(source)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+
+    where = subprocess.run(
+        [python, "-c", "import calm_edge, calm_edge.runtime, calm_edge.training, calm_edge.export; "
+                       "print(calm_edge.__file__); print(calm_edge.runtime.__file__)"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert where.returncode == 0, where.stderr
+    for line in where.stdout.split():
+        assert line.startswith(str(env_dir)), f"imported {line} instead of the installed copy"
+
+    cli = subprocess.run([env_dir / "bin" / "calm-edge", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert cli.returncode == 0, cli.stderr
+    assert "tokenizer" in cli.stdout and "data" in cli.stdout
