@@ -1,0 +1,104 @@
+"""Temperature sampling with only a black-box sampler (CALM paper, section 5).
+
+A CALM model has no likelihoods: the energy head draws a latent, the decoder turns it into a
+chunk of K tokens, and that is all. To sample at temperature T = 1/n the paper gives two
+algorithms, both implemented here over any `draw_chunks(count) -> list of chunks` callable:
+
+- exact (rejection): draw n independent chunks; if all n are the same chunk, emit it, otherwise
+  try again. A chunk x is accepted with probability p(x)^n, so the output follows p^(1/T)
+  normalised, exactly. Each round costs n draws; at low T or with a flat p it can take many.
+- batch approximation: draw N candidates, count each distinct chunk, and choose among the chunks
+  seen at least n times with weight C(count, n) (an unbiased estimate of p(x)^n up to a common
+  factor); if no chunk was seen n times, fall back to n - 1, and so on down to 1 (plain sampling
+  from the candidates). One round of N draws, then one uniform for the choice.
+
+Only T = 1/n for a whole number n is supported; other temperatures are an error, raised before
+any generation starts.
+
+Randomness (the order is part of the contract shared with the C++ runtime): each call of
+`draw_chunks` consumes the noise for its chunks from the sequence's `RandomStream` first; a
+choice among candidates then consumes exactly one uniform. At T = 1 one chunk is drawn and no
+choice uniform is consumed. The exact sampler gives up after `max_rounds` rounds and then makes
+the batch approximation's choice among every chunk it drew (documented fallback, so a step
+always ends).
+"""
+from collections import Counter
+from math import comb
+
+from calm_edge.errors import CalmEdgeError
+
+METHODS = ("exact", "batch")
+
+
+def temperature_exponent(temperature):
+    """The n of T = 1/n; any other temperature is an error that says which ones work."""
+    try:
+        temperature = float(temperature)
+    except (TypeError, ValueError):
+        raise CalmEdgeError(f"temperature {temperature!r} is not a number; use 1, 1/2 (0.5), 1/3, ...") from None
+    if temperature <= 0 or temperature > 1:
+        raise CalmEdgeError(f"temperature {temperature} is out of range; CALM samples at T = 1/n: 1, 0.5, 0.333..., 0.25, ...")
+    n = round(1.0 / temperature)
+    if abs(1.0 / temperature - n) > 1e-6 * n:
+        raise CalmEdgeError(
+            f"temperature {temperature} is not 1/n for a whole number n; the likelihood-free samplers need "
+            f"T = 1/n, e.g. {1 / max(n, 1):.4g} (n={n}) or {1 / (n + 1):.4g} (n={n + 1})"
+        )
+    return n
+
+
+def batch_choice(chunks, n, u):
+    """Index into `chunks` of the batch approximation's choice, using the uniform `u` in [0, 1).
+
+    Distinct chunks are weighed C(count, m) for the largest m <= n that some chunk reaches, in
+    order of first appearance; the returned index is that chunk's first position.
+    """
+    counts = Counter(chunks)
+    m = min(n, max(counts.values()))
+    first_index = {}
+    for index, chunk in enumerate(chunks):
+        first_index.setdefault(chunk, index)
+    weights = [(first_index[chunk], comb(count, m)) for chunk, count in counts.items() if count >= m]
+    target = u * sum(w for _, w in weights)
+    running = 0
+    for index, weight in weights:
+        running += weight
+        if target < running:
+            return index
+    return weights[-1][0]  # u is < 1, so this is only reached through rounding
+
+
+class TemperatureSampler:
+    """Picks one chunk per step at temperature T = 1/n from a black-box chunk sampler."""
+
+    def __init__(self, temperature=1.0, method="batch", candidates=16, max_rounds=100):
+        self.n = temperature_exponent(temperature)
+        if method not in METHODS:
+            raise CalmEdgeError(f"sampling method {method!r} is unknown; choose one of: {', '.join(METHODS)}")
+        if method == "batch" and candidates < self.n:
+            raise CalmEdgeError(
+                f"{candidates} candidates cannot show a chunk {self.n} times, which T = 1/{self.n} needs; "
+                f"pass --candidates {self.n} or more (at least {4 * self.n} for a good approximation)"
+            )
+        self.method, self.candidates, self.max_rounds = method, candidates, max_rounds
+
+    def draws_per_round(self):
+        """How many chunks one round draws (the energy head's sample count for a step)."""
+        if self.n == 1:
+            return 1
+        return self.n if self.method == "exact" else self.candidates
+
+    def sample(self, draw_chunks, rng):
+        """One chunk. `draw_chunks(count)` draws `count` chunks, taking its noise from `rng` first."""
+        if self.n == 1:
+            return draw_chunks(1)[0]
+        if self.method == "batch":
+            chunks = draw_chunks(self.candidates)
+            return chunks[batch_choice(chunks, self.n, rng.draw_one())]
+        drawn = []
+        for _ in range(self.max_rounds):
+            chunks = draw_chunks(self.n)
+            if all(chunk == chunks[0] for chunk in chunks):
+                return chunks[0]
+            drawn.extend(chunks)
+        return drawn[batch_choice(drawn, self.n, rng.draw_one())]
