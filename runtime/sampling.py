@@ -88,13 +88,20 @@ class TemperatureSampler:
             return 1
         return self.n if self.method == "exact" else self.candidates
 
+    def single_round(self):
+        """Whether one round of `draws_per_round()` chunks always decides the step (T = 1 or batch)."""
+        return self.n == 1 or self.method == "batch"
+
+    def choose(self, chunks, rng):
+        """The pick among one round's chunks, for a `single_round()` sampler."""
+        if self.n == 1:
+            return chunks[0]
+        return chunks[batch_choice(chunks, self.n, rng.draw_one())]
+
     def sample(self, draw_chunks, rng):
         """One chunk. `draw_chunks(count)` draws `count` chunks, taking its noise from `rng` first."""
-        if self.n == 1:
-            return draw_chunks(1)[0]
-        if self.method == "batch":
-            chunks = draw_chunks(self.candidates)
-            return chunks[batch_choice(chunks, self.n, rng.draw_one())]
+        if self.single_round():
+            return self.choose(draw_chunks(self.draws_per_round()), rng)
         drawn = []
         for _ in range(self.max_rounds):
             chunks = draw_chunks(self.n)

@@ -1,0 +1,90 @@
+"""BrierLM of a CALM or AR model on evaluation text, in PyTorch (the reference).
+
+Positions. Each document is tokenized; a position is a token offset t with t = offset (mod K),
+t >= K, stepping by `stride` tokens (a multiple of K), up to `max_positions` over the whole
+set. The model sees the `context` tokens before t (fewer at a document's start) and the outcome
+is the next 4 tokens, doc[t:t+4]. CALM and AR are scored at the very same positions.
+
+Samples. At each position both models draw two independent 4-token continuations at T = 1 with
+the reference generator (`calm_edge.generate`), each from its own random stream; Brier-1..4
+use their first n tokens (`calm_edge.brierlm`). With `offset` = 0 every CALM prompt is a whole
+number of chunks; other offsets exercise the eos left-fill of a partial chunk, and comparing
+them shows what that costs.
+"""
+import time
+
+from tqdm import tqdm
+
+from calm_edge.brierlm import BrierAccumulator
+from calm_edge.errors import CalmEdgeError
+from calm_edge.generate import GenerationSettings, generate
+
+CONTINUATION = 4  # Brier-1..4 need 4 tokens
+
+
+def eval_positions(token_docs, chunk_size, context, stride, max_positions, offset=0):
+    """(prefix, target) pairs: up to `context` tokens before each position, and the next 4 tokens."""
+    if stride % chunk_size:
+        raise CalmEdgeError(f"stride {stride} must be a multiple of K={chunk_size}")
+    if not 0 <= offset < chunk_size:
+        raise CalmEdgeError(f"offset {offset} must be in [0, K={chunk_size})")
+    pairs = []
+    for ids in token_docs:
+        for t in range(chunk_size + offset, len(ids) - CONTINUATION + 1, stride):
+            pairs.append((ids[max(0, t - context):t], ids[t:t + CONTINUATION]))
+            if len(pairs) == max_positions:
+                return pairs
+    if not pairs:
+        raise CalmEdgeError(f"the evaluation text has no position with {CONTINUATION} tokens after it; give longer documents")
+    return pairs
+
+
+def evaluate_brierlm(model, pairs, seed=0, batch_size=32, progress=True):
+    """Brier-1..4 and BrierLM over `pairs` from `eval_positions`."""
+    accumulator = BrierAccumulator()
+    started = time.perf_counter()
+    bar = tqdm(total=len(pairs), desc="BrierLM", unit=" pos", disable=not progress)
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start:start + batch_size]
+        prompts = [prefix for prefix, _ in batch for _ in range(2)]
+        # Stream ids are unique per (position, sample) across the whole evaluation.
+        streams = [2 * (start + i) + s for i in range(len(batch)) for s in range(2)]
+        settings = GenerationSettings(max_new_tokens=CONTINUATION, temperature=1.0, seed=seed,
+                                      stop_at_eos=False, streams=streams)
+        continuations = generate(model, prompts, settings)
+        for i, (_, target) in enumerate(batch):
+            accumulator.add_samples(continuations[2 * i], continuations[2 * i + 1], target)
+        bar.update(len(batch))
+    bar.close()
+    report = accumulator.report()
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    return report
+
+
+def evaluate_checkpoint(path, sources, context=256, stride=32, max_positions=2000, offsets=(0,), seed=0,
+                        text_field="text", detokenize="none", batch_size=32, progress=True):
+    """BrierLM of a trained CALM or AR checkpoint on `sources`, at each partial-chunk offset."""
+    from calm_edge.evaldata import load_eval_tokens
+    from calm_edge.tokenizer import Tokenizer
+    from calm_edge.training.language_models import load_language_model
+
+    model, saved = load_language_model(path)
+    tokenizer = Tokenizer(saved.tokenizer_path)
+    tokens, described = load_eval_tokens(sources, tokenizer, text_field=text_field, detokenize=detokenize,
+                                         progress=progress)
+    K = saved.config.autoencoder.chunk_size
+    context -= context % K
+    results = {}
+    for offset in offsets:
+        pairs = eval_positions([tokens.tolist()], K, context, stride, max_positions, offset=offset)
+        results[str(offset)] = evaluate_brierlm(model, pairs, seed=seed, batch_size=batch_size, progress=progress)
+    main = results[str(offsets[0])]
+    return {
+        "kind": saved.kind,
+        "checkpoint": str(saved.folder),
+        "step": saved.trainer.get("step"),
+        "data": described,
+        "positions": {"context_tokens": context, "stride": stride, "max_positions": max_positions, "seed": seed},
+        **{k: main[k] for k in ("brier_1", "brier_2", "brier_3", "brier_4", "brierlm")},
+        "by_offset": results,
+    }

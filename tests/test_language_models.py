@@ -1,0 +1,124 @@
+"""Training, generating with and evaluating the two language models (PyTorch reference)."""
+import json
+
+import pytest
+
+from calm_edge.config import preset
+from calm_edge.data import prepare_shards
+from calm_edge.errors import CalmEdgeError, ConfigError
+from calm_edge.evaluate import eval_positions, evaluate_brierlm, evaluate_checkpoint
+from calm_edge.generate import GenerationSettings, fill_to_chunks, generate
+from calm_edge.training.autoencoder import train_autoencoder
+from calm_edge.training.language_models import load_language_model, train_ar, train_calm
+
+SETTINGS = ["tokenizer.vocab_size=512", "calm.backbone.max_positions=64", "ar.backbone.max_positions=256"]
+STEPS = ["max_steps=300", "batch_size=8", "seq_len=64", "eval_every=100", "save_every=100", "log_every=10",
+         "warmup_steps=10", "eval_batches=2"]
+
+
+def _config(extra=()):
+    sections = [f"{s}.{kv}" for s in ("train_autoencoder", "train_calm", "train_ar") for kv in STEPS]
+    return preset("tiny").with_overrides([*SETTINGS, *sections, *extra])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus_jsonl, tokenizer_dir):
+    root = tmp_path_factory.mktemp("lm")
+    prepare_shards([corpus_jsonl], tokenizer_dir, root / "shards", valid_fraction=0.05, workers=1, progress=False)
+    config = _config()
+    train_autoencoder(config.with_overrides(["train_autoencoder.max_steps=600", "train_autoencoder.lr=3e-3"]),
+                      root / "shards", root / "ae", progress=False)
+    calm = train_calm(config, root / "ae", root / "shards", root / "calm", progress=False)
+    ar = train_ar(config, root / "shards", root / "ar", progress=False)
+    return {"root": root, "calm": calm, "ar": ar}
+
+
+def _train_records(run_dir, key):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r[key] for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def test_training_reduces_the_losses(runs):
+    energy = _train_records(runs["root"] / "calm", "energy")
+    ce = _train_records(runs["root"] / "ar", "ce")
+    assert energy[-1] < 0.8 * energy[0], energy
+    assert ce[-1] < 0.8 * ce[0], ce
+
+
+def test_runs_record_parameters_and_flops(runs):
+    for kind in ("calm", "ar"):
+        summary = json.loads((runs["root"] / kind / "run_summary.json").read_text())
+        assert summary["kind"] == kind and summary["step"] == 300
+        assert summary["parameters"] > 0 and summary["inference_flops_per_token"] > 0
+        assert summary["training_flops"] == pytest.approx(summary["training_flops_per_token"] * summary["tokens_seen"])
+    calm = json.loads((runs["root"] / "calm" / "run_summary.json").read_text())
+    assert calm["parameters_with_frozen"] > calm["parameters"]  # the autoencoder rides along, frozen
+
+
+@pytest.mark.parametrize("kind", ["calm", "ar"])
+def test_generation_is_deterministic_per_seed_and_batch_independent(runs, kind):
+    model, _ = load_language_model(runs["root"] / kind)
+    prompts = [[10, 20, 30, 40, 50], [60, 70], list(range(100, 120))]
+    for temperature in (1.0, 0.5):
+        settings = GenerationSettings(max_new_tokens=24, temperature=temperature, seed=7, stop_at_eos=False)
+        first = generate(model, prompts, settings)
+        assert first == generate(model, prompts, settings)
+        assert all(len(out) == 24 for out in first)
+        other = generate(model, prompts, GenerationSettings(max_new_tokens=24, temperature=temperature, seed=8,
+                                                            stop_at_eos=False))
+        assert other != first
+        one_by_one = [generate(model, [p], GenerationSettings(max_new_tokens=24, temperature=temperature, seed=7,
+                                                              stop_at_eos=False, streams=[i]))[0]
+                      for i, p in enumerate(prompts)]
+        assert one_by_one == first
+
+
+def test_calm_exact_sampler_generates_too(runs):
+    model, _ = load_language_model(runs["root"] / "calm")
+    settings = GenerationSettings(max_new_tokens=12, temperature=0.5, method="exact", seed=1, stop_at_eos=False)
+    assert all(len(out) == 12 for out in generate(model, [[5, 6, 7]], settings))
+
+
+def test_partial_chunks_are_left_filled_with_eos():
+    assert fill_to_chunks([7, 8, 9, 10, 11], 4, eos_id=2) == [2, 2, 2, 7, 8, 9, 10, 11]
+    assert fill_to_chunks([7, 8, 9, 10], 4, eos_id=2) == [7, 8, 9, 10]
+
+
+def test_bad_generation_input_fails_before_any_work(runs):
+    calm, _ = load_language_model(runs["root"] / "calm")
+    with pytest.raises(CalmEdgeError, match="0.7 is not 1/n"):
+        generate(calm, [[5]], GenerationSettings(temperature=0.7))
+    with pytest.raises(CalmEdgeError, match="prompt 0 is 65 chunks .* context holds 64"):
+        generate(calm, [[5] * 260], GenerationSettings())
+    with pytest.raises(CalmEdgeError, match="prompt 1 is empty"):
+        generate(calm, [[5], []], GenerationSettings())
+
+
+def test_autoencoder_that_does_not_fit_is_refused_before_training(runs, tmp_path):
+    config = _config(["autoencoder.chunk_size=2", "autoencoder.latent_size=8"])
+    with pytest.raises(ConfigError, match="autoencoder.chunk_size: checkpoint 4, config 2.*latent_size"):
+        train_calm(config, runs["root"] / "ae", runs["root"] / "shards", tmp_path / "calm", progress=False)
+    assert not (tmp_path / "calm").exists()
+    with pytest.raises(CalmEdgeError, match="not a language model"):
+        load_language_model(runs["root"] / "ae")
+
+
+def test_brierlm_evaluation_of_both_kinds_at_shifted_offsets(runs, corpus_jsonl):
+    for kind in ("calm", "ar"):
+        report = evaluate_checkpoint(runs["root"] / kind, [corpus_jsonl], context=32, stride=16, max_positions=64,
+                                     offsets=(0, 1, 3), progress=False)
+        assert report["kind"] == kind and set(report["by_offset"]) == {"0", "1", "3"}
+        for offset in report["by_offset"].values():
+            assert offset["positions"]["4"] == 64
+            assert -1.0 <= offset["brier_1"] <= 1.0
+        # A trained model predicts the next token of its training text better than chance.
+        assert report["brier_1"] > 0.0
+
+
+def test_eval_positions_are_shared_and_well_formed():
+    tokens = list(range(100))
+    pairs = eval_positions([tokens], 4, context=8, stride=8, max_positions=5, offset=1)
+    assert [len(p) for p, _ in pairs] == [5, 8, 8, 8, 8]
+    assert pairs[1] == (tokens[5:13], tokens[13:17])
+    with pytest.raises(CalmEdgeError, match="stride 6 must be a multiple of K=4"):
+        eval_positions([tokens], 4, 8, 6, 5)
