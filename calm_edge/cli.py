@@ -201,5 +201,100 @@ def data_prepare(ctx, data, tokenizer_dir, out, text_field, valid_fraction, work
     )
 
 
+
+# ----- training ------------------------------------------------------------------------------
+
+
+@main.group()
+def train():
+    """Train models on prepared token shards."""
+
+
+def _explicit_config(ctx):
+    """Whether --preset, --config or --set was given on the command line."""
+    from click.core import ParameterSource
+
+    return any(ctx.get_parameter_source(name) != ParameterSource.DEFAULT
+               for name in ("preset", "config_file", "overrides"))
+
+
+@train.command("autoencoder")
+@click.option("--data", required=True, type=click.Path(file_okay=False),
+              help="Prepared token shards (from `calm-edge data prepare`).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run folder: checkpoints/step_*, metrics.jsonl, curves.png.")
+@click.option("--tokenizer", "tokenizer_dir", default=None, type=click.Path(),
+              help="Tokenizer the shards were prepared with (default: the path their index.json records).")
+@click.option("--resume", is_flag=True,
+              help="Continue from the newest checkpoint in --out (with its config unless --preset/--config/--set).")
+@click.option("--force", is_flag=True, help="Delete the run already in --out and start over.")
+@config_options
+@click.pass_context
+def train_autoencoder_command(ctx, data, out, tokenizer_dir, resume, force, preset, config_file, overrides):
+    """Train the autoencoder: K tokens to one latent vector and back.
+
+    Example: calm-edge train autoencoder --preset small --data runs/shards --out runs/ae
+    """
+    from calm_edge.training.autoencoder import train_autoencoder
+
+    if resume and force:
+        raise CalmEdgeError("--resume and --force contradict each other; pass one of them")
+    config = _resolve(preset, config_file, overrides) if (_explicit_config(ctx) or not resume) else None
+    result = train_autoencoder(config, data, out, tokenizer=tokenizer_dir, resume=resume, force=force,
+                               progress=_progress(ctx))
+    valid = result["valid"]
+    scores = (f"valid token accuracy {valid['accuracy']:.4f}, chunk accuracy {valid['chunk_accuracy']:.4f}, "
+              if valid else "")
+    click.echo(
+        f"autoencoder: step {result['step']}, {scores}{result['parameters']:,} parameters, "
+        f"{result['tokens_seen']:,} tokens in {result['elapsed_seconds']:.0f}s -> {result['checkpoint']}"
+    )
+
+
+# ----- evaluation ----------------------------------------------------------------------------
+
+
+@main.group("eval")
+def eval_group():
+    """Evaluate trained models."""
+
+
+@eval_group.command("autoencoder")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="Run folder of `calm-edge train autoencoder` (its newest checkpoint) or one checkpoint folder.")
+@click.option("--data", "data", multiple=True, required=True, metavar="PATH",
+              help="Text (.txt/.jsonl/.jsonl.gz/.jsonl.xz, a folder, demo:bible) or a prepared shard folder (repeatable).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the results to this JSON file (default: print them).")
+@click.option("--detokenize", type=click.Choice(["none", "wikitext"]), default="none", show_default=True,
+              help="Undo WikiText's tokenized spacing (' @-@ ' -> '-', ' ,' -> ',') before encoding text.")
+@click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text.")
+@click.option("--split", default="valid", show_default=True, help="Split of a prepared shard folder to use.")
+@click.option("--max-tokens", type=int, default=None, help="Evaluate at most this many tokens.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latent noise.")
+@click.pass_context
+def eval_autoencoder_command(ctx, checkpoint, data, out, detokenize, text_field, split, max_tokens, seed):
+    """Reconstruction accuracy of an autoencoder, and its accuracy under latent noise.
+
+    Example: calm-edge eval autoencoder --checkpoint runs/ae --data ../shared/data/wikitext103-test-doc.jsonl
+    --detokenize wikitext --out ae_eval.json
+    """
+    from calm_edge.fileio import write_json_atomic
+    from calm_edge.training.autoencoder_eval import evaluate_autoencoder
+
+    result = evaluate_autoencoder(checkpoint, data, text_field=text_field, detokenize=detokenize, split=split,
+                                  max_tokens=max_tokens, seed=seed, progress=_progress(ctx))
+    if out is None:
+        click.echo(json.dumps(result, indent=2))
+        return
+    write_json_atomic(out, result)
+    noise = ", ".join(f"{r['scale']}: {r['token_accuracy']:.4f}" for r in result["noise_robustness"])
+    click.echo(
+        f"autoencoder {result['checkpoint']}: {result['tokens_evaluated']:,} tokens, token accuracy "
+        f"{result['token_accuracy']:.4f}, chunk accuracy {result['chunk_accuracy']:.4f}; "
+        f"under latent noise {{{noise}}} -> {out}"
+    )
+
+
 if __name__ == "__main__":
     main()

@@ -31,3 +31,13 @@ def tokenizer_dir(tmp_path_factory, corpus_jsonl):
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     train_tokenizer([corpus_jsonl], out, TokenizerConfig(vocab_size=512), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def ae_shards(tmp_path_factory, corpus_jsonl, tokenizer_dir):
+    """Token shards of `corpus_jsonl` (tokenizer `tokenizer_dir`), 5% of the chapters held out as valid."""
+    from calm_edge.data import prepare_shards
+
+    out = tmp_path_factory.mktemp("ae_data") / "shards"
+    prepare_shards([corpus_jsonl], tokenizer_dir, out, valid_fraction=0.05, workers=1, progress=False)
+    return out

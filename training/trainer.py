@@ -1,0 +1,279 @@
+"""The training loop that every model shares (autoencoder, CALM, AR baseline).
+
+A model plugs in by its `forward(batch)`: given an int64 tensor of token windows
+[batch_size, seq_len] it returns `(loss, metrics)`, a scalar loss to minimise and a dict of
+scalar tensors to log (an `accuracy` entry is shown on the progress bar). `model.train()` /
+`model.eval()` switch its training-only randomness on and off.
+
+What the loop does, from the run's TrainConfig section:
+
+- AdamW with (beta1, beta2); weight decay only on matrices (parameters with 2+ dimensions),
+  never on norms and biases;
+- learning rate: linear warmup to `lr` over `warmup_steps`, then cosine decay to
+  `lr * min_lr_ratio` at `max_steps`;
+- `grad_accum_steps` batches per optimizer step, gradients clipped to norm `grad_clip`,
+  optional bfloat16 autocast;
+- every `log_every` steps a "train" record (averaged over the steps since the last one), every
+  `eval_every` steps and at the end a "valid" record over `eval_batches` fixed batches of the
+  data's valid split; both go to metrics.jsonl and curves.png (see metrics.py);
+- every `save_every` steps and at the end a checkpoint (see checkpoint.py) holding weights,
+  config, optimizer, RNG states and the data loader's position, so that `resume=True` continues
+  with exactly the batches, randomness and step count of an uninterrupted run.
+"""
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from calm_edge.data import TokenShards, WindowLoader
+from calm_edge.errors import CalmEdgeError, ConfigError
+from calm_edge.training import checkpoint
+from calm_edge.training.metrics import MetricsLog
+
+log = logging.getLogger(__name__)
+
+
+def learning_rate(step, settings):
+    """The learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay."""
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    decay_steps = max(1, settings.max_steps - settings.warmup_steps)
+    progress = min(1.0, (step - settings.warmup_steps) / decay_steps)
+    floor = settings.lr * settings.min_lr_ratio
+    return floor + (settings.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, settings):
+    """AdamW that decays matrices (weights, embeddings) but not vectors (norms, biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2))
+
+
+class Trainer:
+    """Trains `build_model(config)` on the token shards in `data`, writing the run to `out`.
+
+    kind: the model kind recorded in checkpoints ("autoencoder", "calm", "ar").
+    section: the config section with this run's TrainConfig ("train_autoencoder", ...).
+    files: {name: path} copied into every checkpoint (the tokenizer).
+    """
+
+    def __init__(self, kind, build_model, config, section, data, out, files=None, progress=True):
+        self.kind, self.build_model, self.config, self.section = kind, build_model, config, section
+        self.settings = getattr(config, section)
+        self.out = Path(out)
+        self.files = dict(files or {})
+        self.progress = progress
+        self.shards = TokenShards(data)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.metrics = MetricsLog(self.out)
+        self.chunk_size = config.autoencoder.chunk_size
+
+    # ----- the run ---------------------------------------------------------------------------
+
+    def run(self, resume=False, force=False):
+        """Train to `max_steps` (from the newest checkpoint when `resume`). Returns a summary."""
+        s = self.settings
+        resume_from = self._prepare_out(resume, force)
+        torch.manual_seed(s.seed)
+        self.model = self.build_model(self.config).to(self.device)
+        self.optimizer = make_optimizer(self.model, s)
+        self.loader = WindowLoader(self.shards, "train", s.seq_len, s.batch_size, seed=s.seed,
+                                   chunk_size=self.chunk_size)
+        self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
+        self.last_valid = {}
+        if resume_from is not None:
+            self._restore(resume_from)
+        if self.step >= s.max_steps:
+            log.info("%s is already at step %d of %d; nothing to train", self.out, self.step, s.max_steps)
+
+        self.model.train()
+        started = time.perf_counter() - self.elapsed
+        sums, count = {}, 0
+        bar = tqdm(total=s.max_steps, initial=self.step, desc=f"train {self.kind}", unit="step",
+                   disable=not self.progress, dynamic_ncols=True)
+        try:
+            while self.step < s.max_steps:
+                for name, value in self._train_step().items():
+                    sums[name] = sums.get(name, 0.0) + value
+                count += 1
+                self.step += 1
+                self.elapsed = time.perf_counter() - started
+                bar.update(1)
+                last = self.step == s.max_steps
+                if self.step % s.log_every == 0 or last:
+                    record = {name: total / count for name, total in sums.items()}
+                    self._log("train", record)
+                    bar.set_postfix(self._postfix(record), refresh=False)
+                    sums, count = {}, 0
+                if self.step % s.eval_every == 0 or last:
+                    self.last_valid = self._validate()
+                    if self.last_valid:
+                        self._log("valid", self.last_valid)
+                    self.metrics.plot(f"{self.kind}: {self.out.name}")
+                if self.step % s.save_every == 0 or last:
+                    self._save()
+        finally:
+            bar.close()
+        latest = checkpoint.list_checkpoints(self.out)
+        return {
+            "kind": self.kind,
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed_seconds": round(self.elapsed, 2),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "valid": self.last_valid,
+            "checkpoint": str(latest[-1]) if latest else None,
+        }
+
+    def _train_step(self):
+        s = self.settings
+        lr = learning_rate(self.step, s)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums = {}
+        for _ in range(s.grad_accum_steps):
+            batch = torch.from_numpy(self.loader.next_batch()).to(self.device)
+            with self._autocast():
+                loss, metrics = self.model(batch)
+            (loss / s.grad_accum_steps).backward()
+            self.tokens_seen += batch.numel()
+            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        record = {name: total / s.grad_accum_steps for name, total in sums.items()}
+        return {**record, "grad_norm": float(grad_norm), "lr": lr}
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.settings.bf16)
+
+    @torch.no_grad()
+    def _validate(self):
+        """Mean metrics over the first `eval_batches` batches of the valid split (the same each time)."""
+        s = self.settings
+        if self.shards.tokens("valid") < s.seq_len:
+            return {}
+        loader = WindowLoader(self.shards, "valid", s.seq_len, s.batch_size, chunk_size=self.chunk_size,
+                              shuffle=False)
+        batches = min(s.eval_batches, max(1, math.ceil(loader.num_windows / s.batch_size)))
+        self.model.eval()
+        sums = {}
+        # Validation must not move the training RNG, or a run with other eval settings diverges.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for _ in range(batches):
+                batch = torch.from_numpy(loader.next_batch()).to(self.device)
+                with self._autocast():
+                    loss, metrics = self.model(batch)
+                sums["loss"] = sums.get("loss", 0.0) + loss.item()
+                for name, value in metrics.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+        self.model.train()
+        return {name: total / batches for name, total in sums.items()}
+
+    def _log(self, split, values):
+        record = {"step": self.step, "split": split, **{k: round(v, 6) for k, v in values.items()},
+                  "tokens": self.tokens_seen, "elapsed_seconds": round(self.elapsed, 2)}
+        self.metrics.append(record)
+
+    @staticmethod
+    def _postfix(record):
+        shown = {"loss": f"{record['loss']:.4f}"}
+        if "accuracy" in record:
+            shown["acc"] = f"{record['accuracy']:.4f}"
+        return shown
+
+    # ----- checkpoints -----------------------------------------------------------------------
+
+    def _prepare_out(self, resume, force):
+        """Check the output folder against --resume / --force. Returns the checkpoint to resume."""
+        existing = checkpoint.list_checkpoints(self.out)
+        if resume:
+            if not existing:
+                raise CalmEdgeError(
+                    f"nothing to resume: {self.out} has no checkpoints; run without --resume to start training"
+                )
+            checkpoint.remove_leftovers(self.out)
+            return existing[-1]
+        if existing or self.metrics.path.exists():
+            if not force:
+                raise CalmEdgeError(
+                    f"{self.out} already holds a training run; pass --resume to continue it or --force to start over"
+                )
+            for folder in existing:
+                checkpoint.remove_folder(folder)
+            for path in (self.metrics.path, self.metrics.plot_path):
+                path.unlink(missing_ok=True)
+        checkpoint.remove_leftovers(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        return None
+
+    def _save(self):
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        info = {
+            "tokens_seen": self.tokens_seen,
+            "elapsed_seconds": round(self.elapsed, 3),
+            "data": str(self.shards.folder.resolve()),
+            "data_tokenizer_sha256": self.shards.index["tokenizer"]["sha256"],
+            "loader": self.loader.state_dict(),
+            "valid": self.last_valid,
+        }
+        folder = checkpoint.save_checkpoint(self.out, self.step, self.kind, self.config, self.model, info, state,
+                                            files=self.files)
+        log.info("saved %s", folder)
+
+    def _restore(self, folder):
+        saved = checkpoint.load_checkpoint(folder, self.kind)
+        self._check_same_model(saved)
+        checkpoint.load_weights_into(self.model, saved)
+        state = checkpoint.load_trainer_state(folder)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        info = saved.trainer
+        if info.get("data_tokenizer_sha256") != self.shards.index["tokenizer"]["sha256"]:
+            raise CalmEdgeError(
+                f"{folder} was trained on data tokenized by another tokenizer than {self.shards.folder}; "
+                "resume with the same --data"
+            )
+        self.loader.load_state_dict(info["loader"])
+        self.step, self.tokens_seen = int(info["step"]), int(info["tokens_seen"])
+        self.elapsed = float(info["elapsed_seconds"])
+        self.last_valid = info.get("valid", {})
+        self.metrics.keep_until(self.step)
+        log.info("resumed %s at step %d", folder, self.step)
+
+    def _check_same_model(self, saved):
+        """Resuming may change the run's own training section (e.g. more steps), nothing else."""
+        mine, theirs = self.config.to_dict(), saved.config.to_dict()
+        for section, values in mine.items():
+            if section.startswith("train_"):
+                continue
+            for key, value in values.items():
+                if theirs[section][key] != value:
+                    raise ConfigError(
+                        f"cannot resume {saved.folder}: it was trained with {section}.{key}={theirs[section][key]!r} "
+                        f"but this run has {value!r}; resume with the same --preset/--config/--set (or none, "
+                        "to reuse the checkpoint's config)"
+                    )
+        for key in ("batch_size", "seq_len", "seed", "grad_accum_steps"):
+            ours, old = getattr(self.settings, key), theirs[self.section][key]
+            if ours != old:
+                raise ConfigError(
+                    f"cannot resume {saved.folder}: it was trained with {self.section}.{key}={old!r} but this run "
+                    f"has {ours!r}; the data order depends on it, so resume with the same value"
+                )
