@@ -41,3 +41,31 @@ def ae_shards(tmp_path_factory, corpus_jsonl, tokenizer_dir):
     out = tmp_path_factory.mktemp("ae_data") / "shards"
     prepare_shards([corpus_jsonl], tokenizer_dir, out, valid_fraction=0.05, workers=1, progress=False)
     return out
+
+
+# Tiny language models for the generation, export and runtime tests: trained once per session.
+LM_SETTINGS = ["tokenizer.vocab_size=512", "calm.backbone.max_positions=64", "ar.backbone.max_positions=256"]
+LM_STEPS = ["max_steps=300", "batch_size=8", "seq_len=64", "eval_every=100", "save_every=100", "log_every=10",
+            "warmup_steps=10", "eval_batches=2"]
+
+
+def tiny_lm_config(extra=()):
+    from calm_edge.config import preset
+
+    sections = [f"{s}.{kv}" for s in ("train_autoencoder", "train_calm", "train_ar") for kv in LM_STEPS]
+    return preset("tiny").with_overrides([*LM_SETTINGS, *sections, *extra])
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory, ae_shards):
+    """{"root", "shards", "ae", "calm", "ar"}: run folders of a tiny autoencoder, CALM and AR model."""
+    from calm_edge.training.autoencoder import train_autoencoder
+    from calm_edge.training.language_models import train_ar, train_calm
+
+    root = tmp_path_factory.mktemp("lm")
+    config = tiny_lm_config()
+    train_autoencoder(config.with_overrides(["train_autoencoder.max_steps=600", "train_autoencoder.lr=3e-3"]),
+                      ae_shards, root / "ae", progress=False)
+    train_calm(config, root / "ae", ae_shards, root / "calm", progress=False)
+    train_ar(config, ae_shards, root / "ar", progress=False)
+    return {"root": root, "shards": ae_shards, "ae": root / "ae", "calm": root / "calm", "ar": root / "ar"}

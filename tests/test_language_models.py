@@ -3,34 +3,15 @@ import json
 
 import pytest
 
-from calm_edge.config import preset
-from calm_edge.data import prepare_shards
+from conftest import tiny_lm_config
 from calm_edge.errors import CalmEdgeError, ConfigError
 from calm_edge.evaluate import eval_positions, evaluate_brierlm, evaluate_checkpoint
 from calm_edge.generate import GenerationSettings, fill_to_chunks, generate
-from calm_edge.training.autoencoder import train_autoencoder
-from calm_edge.training.language_models import load_language_model, train_ar, train_calm
-
-SETTINGS = ["tokenizer.vocab_size=512", "calm.backbone.max_positions=64", "ar.backbone.max_positions=256"]
-STEPS = ["max_steps=300", "batch_size=8", "seq_len=64", "eval_every=100", "save_every=100", "log_every=10",
-         "warmup_steps=10", "eval_batches=2"]
-
-
-def _config(extra=()):
-    sections = [f"{s}.{kv}" for s in ("train_autoencoder", "train_calm", "train_ar") for kv in STEPS]
-    return preset("tiny").with_overrides([*SETTINGS, *sections, *extra])
-
+from calm_edge.training.language_models import load_language_model, train_calm
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, corpus_jsonl, tokenizer_dir):
-    root = tmp_path_factory.mktemp("lm")
-    prepare_shards([corpus_jsonl], tokenizer_dir, root / "shards", valid_fraction=0.05, workers=1, progress=False)
-    config = _config()
-    train_autoencoder(config.with_overrides(["train_autoencoder.max_steps=600", "train_autoencoder.lr=3e-3"]),
-                      root / "shards", root / "ae", progress=False)
-    calm = train_calm(config, root / "ae", root / "shards", root / "calm", progress=False)
-    ar = train_ar(config, root / "shards", root / "ar", progress=False)
-    return {"root": root, "calm": calm, "ar": ar}
+def runs(trained_runs):
+    return trained_runs
 
 
 def _train_records(run_dir, key):
@@ -88,16 +69,16 @@ def test_bad_generation_input_fails_before_any_work(runs):
     calm, _ = load_language_model(runs["root"] / "calm")
     with pytest.raises(CalmEdgeError, match="0.7 is not 1/n"):
         generate(calm, [[5]], GenerationSettings(temperature=0.7))
-    with pytest.raises(CalmEdgeError, match="prompt 0 is 65 chunks .* context holds 64"):
+    with pytest.raises(CalmEdgeError, match="prompt 0 takes 65 chunks of K tokens but the model.s context holds 64"):
         generate(calm, [[5] * 260], GenerationSettings())
     with pytest.raises(CalmEdgeError, match="prompt 1 is empty"):
         generate(calm, [[5], []], GenerationSettings())
 
 
 def test_autoencoder_that_does_not_fit_is_refused_before_training(runs, tmp_path):
-    config = _config(["autoencoder.chunk_size=2", "autoencoder.latent_size=8"])
+    config = tiny_lm_config(["autoencoder.chunk_size=2", "autoencoder.latent_size=8"])
     with pytest.raises(ConfigError, match="autoencoder.chunk_size: checkpoint 4, config 2.*latent_size"):
-        train_calm(config, runs["root"] / "ae", runs["root"] / "shards", tmp_path / "calm", progress=False)
+        train_calm(config, runs["ae"], runs["shards"], tmp_path / "calm", progress=False)
     assert not (tmp_path / "calm").exists()
     with pytest.raises(CalmEdgeError, match="not a language model"):
         load_language_model(runs["root"] / "ae")

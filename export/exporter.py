@@ -1,0 +1,87 @@
+"""`calm-edge export`: a trained checkpoint in, a validated model package out.
+
+Steps, all inside a temporary folder that replaces `out` only once everything passed:
+  1. export each graph of the package (`graphs.py`) and copy the tokenizer;
+  2. validate, as optimum does: every graph in ONNX Runtime against its PyTorch module on random
+     and on real inputs, with the largest absolute difference per output (`validate.py`); and the
+     whole generation loop over the graphs against the PyTorch reference, token for token;
+  3. write manifest.json: the model's dimensions, each graph's file, sha256 and signature, the
+     training provenance and the validation figures.
+
+A failure at any step raises a `CalmEdgeError` and leaves an existing package untouched.
+"""
+import json
+import logging
+import shutil
+import time
+
+from calm_edge.export import graphs, validate
+from calm_edge.fileio import atomic_output_dir
+from calm_edge.runtime import package
+
+log = logging.getLogger(__name__)
+
+
+def model_section(kind, config):
+    """The manifest's "model" section: everything a runtime needs to size inputs and caches."""
+    tok = config.tokenizer
+    backbone = (config.calm if kind == "calm" else config.ar).backbone
+    section = {
+        "chunk_size": config.autoencoder.chunk_size if kind == "calm" else 1,
+        "vocab_size": tok.vocab_size,
+        "special_ids": dict(tok.reserved_ids),
+        "hidden_size": backbone.hidden_size,
+        "num_layers": backbone.num_layers,
+        "num_heads": backbone.num_heads,
+        "num_kv_heads": backbone.num_kv_heads,
+        "head_dim": backbone.head_dim,
+        "max_context": backbone.max_positions,  # CALM: vectors (K tokens each); AR: tokens
+    }
+    if kind == "calm":
+        section.update(latent_size=config.autoencoder.latent_size, noise_size=config.calm.noise_size,
+                       energy_head_layers=config.calm.energy_head_layers)
+    return section
+
+
+def provenance(saved):
+    """Where the weights came from: the training run, its data and its measured quality."""
+    trainer = saved.trainer
+    run_dir = saved.folder.parent.parent
+    summary_path = run_dir / "run_summary.json"
+    info = {
+        "checkpoint": str(saved.folder),
+        "step": trainer.get("step"),
+        "tokens_seen": trainer.get("tokens_seen"),
+        "data": trainer.get("data"),
+        "valid": trainer.get("valid", {}),
+        "config": saved.config.to_dict(),
+    }
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        for key in ("parameters", "training_flops", "inference_flops_per_token", "autoencoder"):
+            if key in summary:
+                info[key] = summary[key]
+    return info
+
+
+def export_package(checkpoint, out, force=False, e2e_prompts=3, e2e_tokens=64, seed=0, progress=True):
+    """Export the CALM or AR checkpoint at `checkpoint` to the package folder `out`."""
+    from calm_edge.training.language_models import load_language_model
+
+    started = time.perf_counter()
+    with atomic_output_dir(out, force=force, what="package") as tmp:
+        model, saved = load_language_model(checkpoint)
+        kind = saved.kind
+        section = model_section(kind, saved.config)
+        specs = package.graph_specs(kind, section)
+        for name, module in graphs.wrappers(kind, model).items():
+            log.info("exporting %s", name)
+            graphs.export_graph(module, specs[name], section, tmp / specs[name]["file"])
+        shutil.copyfile(saved.tokenizer_path, tmp / package.TOKENIZER_FILE)
+        # The manifest first without validation figures, so the runtime can open the folder.
+        package.write_manifest(tmp, kind, section, provenance(saved))
+        report = validate.validate_package(model, tmp, e2e_prompts=e2e_prompts, e2e_tokens=e2e_tokens, seed=seed,
+                                           progress=progress)
+        report["export_seconds"] = round(time.perf_counter() - started, 2)
+        manifest = package.write_manifest(tmp, kind, section, provenance(saved), validation=report)
+    return manifest

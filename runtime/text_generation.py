@@ -1,0 +1,103 @@
+"""Text in, text out: `generate` and `stream` over a `Model`.
+
+    results = generate(model, ["Once upon", "The river"], GeneratorParams(max_new_tokens=64))
+    for piece in stream(model, "Once upon", GeneratorParams(seed=3)):
+        print(piece, end="", flush=True)
+
+Several prompts are generated as one left-padded batch. Streaming yields text as each step's
+tokens arrive (K at a time for CALM), holding back an incomplete UTF-8 character until its
+last byte arrives. A stop sequence ends a sequence: its text is cut before the stop sequence;
+its token ids are those generated up to and including the step that completed it.
+"""
+from dataclasses import dataclass
+
+from calm_edge.errors import CalmEdgeError
+from calm_edge.runtime.generator import GeneratorParams, generate_tokens, iterate_steps
+
+
+@dataclass
+class GenerationResult:
+    prompt: str
+    text: str  # the generated continuation, without the prompt
+    token_ids: list
+    stopped_by: str  # "eos", "stop_sequence", "max_new_tokens" or "context"
+
+
+class _TextTracker:
+    """Decodes one row's tokens incrementally and watches for stop sequences."""
+
+    def __init__(self, tokenizer, stop_sequences):
+        self.tokenizer, self.stop_sequences = tokenizer, [s for s in stop_sequences if s]
+        self.ids, self.text, self.emitted, self.stopped = [], "", 0, False
+
+    def add(self, new_ids):
+        """Returns the new printable text; sets `stopped` when a stop sequence completed."""
+        self.ids.extend(new_ids)
+        self.text = self.tokenizer.decode(self.ids)
+        cut = min((i for i in (self.text.find(s) for s in self.stop_sequences) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+        ready = len(self.text) if self.stopped else len(self.text.rstrip("\ufffd"))
+        piece = self.text[self.emitted:ready]
+        self.emitted = max(self.emitted, ready)
+        return piece
+
+
+def _encode_prompts(model, prompts):
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt:
+            raise CalmEdgeError(f"prompt {i} is empty; give some text to continue")
+    return list(prompts), [model.tokenizer.encode(p) for p in prompts]
+
+
+def generate(model, prompts, params: GeneratorParams = None):
+    """Generate continuations; a single prompt string gives one result, a list gives a list."""
+    params = params or GeneratorParams()
+    single = isinstance(prompts, str)
+    texts, encoded = _encode_prompts(model, prompts)
+    trackers = [_TextTracker(model.tokenizer, params.stop_sequences) for _ in texts]
+
+    def on_step(row, new_ids):
+        trackers[row].add(new_ids)
+        return not trackers[row].stopped
+
+    outputs = generate_tokens(model.new_state(), encoded, params, on_step=on_step)
+    results = [_result(model, params, prompt, ids, tracker) for prompt, ids, tracker in zip(texts, outputs, trackers)]
+    return results[0] if single else results
+
+
+def _result(model, params, prompt, ids, tracker):
+    if tracker.stopped:
+        reason = "stop_sequence"
+    elif len(ids) >= params.max_new_tokens:
+        reason = "max_new_tokens"
+    elif params.stop_at_eos and len(ids) < params.max_new_tokens and not _context_full(model, prompt, ids):
+        reason = "eos"
+    else:
+        reason = "context"
+    text = tracker.text if tracker.ids else ""
+    return GenerationResult(prompt=prompt, text=text, token_ids=ids, stopped_by=reason)
+
+
+def _context_full(model, prompt, ids):
+    K = model.chunk_size
+    prompt_positions = -(-len(model.tokenizer.encode(prompt)) // K)
+    return prompt_positions + -(-len(ids) // K) >= model.max_context
+
+
+def stream(model, prompt, params: GeneratorParams = None):
+    """Yield the continuation of one prompt as text pieces, as each step's tokens arrive."""
+    params = params or GeneratorParams()
+    _, encoded = _encode_prompts(model, [prompt])
+    tracker = _TextTracker(model.tokenizer, params.stop_sequences)
+    pieces = []
+
+    def on_step(row, new_ids):
+        pieces.append(tracker.add(new_ids))
+        return not tracker.stopped
+
+    for _ in iterate_steps(model.new_state(), encoded, params, on_step=on_step):
+        yield from (piece for piece in pieces if piece)
+        pieces.clear()
