@@ -30,7 +30,7 @@ def train_autoencoder(config, data, out, tokenizer=None, resume=False, force=Fal
     if config is None:
         if not resume:
             raise ConfigError("a config is needed to start training; pass --preset/--config/--set")
-        config = checkpoint.load_checkpoint(out, KIND).config
+        config = checkpoint.load_checkpoint(checkpoint.newest_to_resume(out), KIND).config
     shards = TokenShards(data)
     if shards.vocab_size != config.tokenizer.vocab_size:
         raise ConfigError(

@@ -106,6 +106,14 @@ def list_checkpoints(run_dir):
     return [p for _, p in sorted(found)]
 
 
+def newest_to_resume(run_dir):
+    """The newest checkpoint of a run that `--resume` continues, or a clear error."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CalmEdgeError(f"nothing to resume: {run_dir} has no checkpoints; run without --resume to start training")
+    return found[-1]
+
+
 def resolve_checkpoint(path):
     """A checkpoint folder from a run folder (its newest checkpoint) or a checkpoint folder."""
     path = Path(path)
@@ -141,7 +149,7 @@ def load_checkpoint(path, kind):
     saved_kind = data.pop("kind", None) if isinstance(data, dict) else None
     if saved_kind != kind:
         raise CalmEdgeError(
-            f"{config_path} describes a {saved_kind or 'model of unknown kind'} checkpoint, not a {kind}; "
+            f"{config_path} belongs to a checkpoint of kind {saved_kind!r}, not {kind!r}; "
             f"pass the folder of a `calm-edge train {kind}` run"
         )
     try:

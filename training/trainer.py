@@ -18,7 +18,9 @@ What the loop does, from the run's TrainConfig section:
   data's valid split; both go to metrics.jsonl and curves.png (see metrics.py);
 - every `save_every` steps and at the end a checkpoint (see checkpoint.py) holding weights,
   config, optimizer, RNG states and the data loader's position, so that `resume=True` continues
-  with exactly the batches, randomness and step count of an uninterrupted run.
+  with exactly the batches, randomness and step count of an uninterrupted run. A resumed run
+  may change only its own training section (say, a larger `max_steps`: the cosine then
+  stretches to the new end from where it is); the data order settings must stay.
 """
 import logging
 import math
@@ -195,14 +197,11 @@ class Trainer:
 
     def _prepare_out(self, resume, force):
         """Check the output folder against --resume / --force. Returns the checkpoint to resume."""
-        existing = checkpoint.list_checkpoints(self.out)
         if resume:
-            if not existing:
-                raise CalmEdgeError(
-                    f"nothing to resume: {self.out} has no checkpoints; run without --resume to start training"
-                )
+            newest = checkpoint.newest_to_resume(self.out)
             checkpoint.remove_leftovers(self.out)
-            return existing[-1]
+            return newest
+        existing = checkpoint.list_checkpoints(self.out)
         if existing or self.metrics.path.exists():
             if not force:
                 raise CalmEdgeError(
