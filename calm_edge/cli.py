@@ -296,5 +296,193 @@ def eval_autoencoder_command(ctx, checkpoint, data, out, detokenize, text_field,
     )
 
 
+# ----- language models ------------------------------------------------------------------------
+
+
+def _train_options(command):
+    """The options every `train` command shares, after --data and --out."""
+    command = click.option("--force", is_flag=True, help="Delete the run already in --out and start over.")(command)
+    command = click.option(
+        "--resume", is_flag=True,
+        help="Continue from the newest checkpoint in --out (with its config unless --preset/--config/--set).")(command)
+    command = click.option("--tokenizer", "tokenizer_dir", default=None, type=click.Path(),
+                           help="Tokenizer the shards were prepared with (default: from their index.json).")(command)
+    command = click.option("--out", required=True, type=click.Path(file_okay=False),
+                           help="Run folder: checkpoints/step_*, metrics.jsonl, curves.png, run_summary.json.")(command)
+    command = click.option("--data", required=True, type=click.Path(file_okay=False),
+                           help="Prepared token shards (from `calm-edge data prepare`).")(command)
+    return command
+
+
+def _echo_lm_summary(summary):
+    valid = summary.get("valid") or {}
+    score = f"valid loss {valid['loss']:.4f}, " if "loss" in valid else ""
+    click.echo(
+        f"{summary['kind']}: step {summary['step']}, {score}{summary['parameters']:,} parameters, "
+        f"{summary['tokens_seen']:,} tokens, {summary['training_flops']:.3g} training FLOPs, "
+        f"{summary['inference_flops_per_token']:.3g} inference FLOPs/token -> {summary['checkpoint']}"
+    )
+
+
+@train.command("calm")
+@click.option("--autoencoder", required=True, type=click.Path(),
+              help="Run folder of `calm-edge train autoencoder` (its newest checkpoint) or a checkpoint folder.")
+@_train_options
+@config_options
+@click.pass_context
+def train_calm_command(ctx, autoencoder, data, out, tokenizer_dir, resume, force, preset, config_file, overrides):
+    """Train the CALM model (energy loss) on top of a frozen autoencoder.
+
+    Example: calm-edge train calm --preset small --autoencoder runs/ae --data runs/shards --out runs/calm
+    """
+    from calm_edge.training.language_models import train_calm
+
+    if resume and force:
+        raise CalmEdgeError("--resume and --force contradict each other; pass one of them")
+    config = _resolve(preset, config_file, overrides) if (_explicit_config(ctx) or not resume) else None
+    _echo_lm_summary(train_calm(config, autoencoder, data, out, tokenizer=tokenizer_dir, resume=resume,
+                                force=force, progress=_progress(ctx)))
+
+
+@train.command("ar")
+@_train_options
+@config_options
+@click.pass_context
+def train_ar_command(ctx, data, out, tokenizer_dir, resume, force, preset, config_file, overrides):
+    """Train the token-by-token baseline (same backbone, softmax head).
+
+    Example: calm-edge train ar --preset small --data runs/shards --out runs/ar
+    """
+    from calm_edge.training.language_models import train_ar
+
+    if resume and force:
+        raise CalmEdgeError("--resume and --force contradict each other; pass one of them")
+    config = _resolve(preset, config_file, overrides) if (_explicit_config(ctx) or not resume) else None
+    _echo_lm_summary(train_ar(config, data, out, tokenizer=tokenizer_dir, resume=resume, force=force,
+                              progress=_progress(ctx)))
+
+
+@eval_group.command("brierlm")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="Run folder of `calm-edge train calm` or `train ar`, or one of its checkpoint folders.")
+@click.option("--data", "data", multiple=True, required=True, metavar="PATH",
+              help="Text (.txt/.jsonl/.jsonl.gz/.jsonl.xz, a folder, demo:bible) or a prepared shard folder.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the results to this JSON file.")
+@click.option("--detokenize", type=click.Choice(["none", "wikitext"]), default="none", show_default=True,
+              help="Undo WikiText's tokenized spacing before encoding text.")
+@click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text.")
+@click.option("--context", type=int, default=256, show_default=True, help="Tokens of context before each position.")
+@click.option("--stride", type=int, default=32, show_default=True, help="Tokens between evaluated positions (a multiple of K).")
+@click.option("--max-positions", type=int, default=2000, show_default=True, help="Positions to evaluate at most.")
+@click.option("--offsets", default="0", show_default=True,
+              help="Comma-separated offsets within a chunk to evaluate at, e.g. 0,1,2,3 (partial-chunk prompts).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_context
+def eval_brierlm_command(ctx, checkpoint, data, out, detokenize, text_field, context, stride, max_positions,
+                         offsets, seed):
+    """BrierLM (Brier-1..4) of a CALM or AR checkpoint, from two samples per position.
+
+    Example: calm-edge eval brierlm --checkpoint runs/calm --data ../shared/data/wikitext103-test-doc.jsonl
+    --detokenize wikitext --out quality.json
+    """
+    from calm_edge.evaluate import evaluate_checkpoint
+    from calm_edge.fileio import write_json_atomic
+
+    try:
+        offset_list = tuple(int(o) for o in offsets.split(","))
+    except ValueError:
+        raise CalmEdgeError(f"--offsets {offsets!r} must be comma-separated whole numbers, e.g. 0,1,2,3") from None
+    result = evaluate_checkpoint(checkpoint, data, context=context, stride=stride, max_positions=max_positions,
+                                 offsets=offset_list, seed=seed, text_field=text_field, detokenize=detokenize,
+                                 progress=_progress(ctx))
+    if out:
+        write_json_atomic(out, result)
+    briers = ", ".join(f"Brier-{n} {result[f'brier_{n}']:.4f}" for n in (1, 2, 3, 4))
+    click.echo(f"{result['kind']} {result['checkpoint']}: BrierLM {result['brierlm']:.2f} ({briers})"
+               + (f" -> {out}" if out else ""))
+
+
+# ----- export ---------------------------------------------------------------------------------
+
+
+@main.command("export")
+@click.option("--calm", "calm_dir", type=click.Path(), default=None, help="CALM run or checkpoint folder to export.")
+@click.option("--ar", "ar_dir", type=click.Path(), default=None, help="AR baseline run or checkpoint folder to export.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Package folder to write.")
+@click.option("--force", is_flag=True, help="Replace an existing package (only once the new one validated).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the end-to-end validation.")
+@click.pass_context
+def export_command(ctx, calm_dir, ar_dir, out, force, seed):
+    """Export a trained CALM or AR model to a validated model package (ONNX graphs + manifest).
+
+    Example: calm-edge export --calm runs/calm --out packages/calm-small
+    """
+    from calm_edge.export.exporter import export_package
+
+    if (calm_dir is None) == (ar_dir is None):
+        raise CalmEdgeError("pass exactly one of --calm DIR or --ar DIR")
+    manifest = export_package(calm_dir or ar_dir, out, force=force, kind="calm" if calm_dir else "ar", seed=seed,
+                              progress=_progress(ctx))
+    validation = manifest["validation"]
+    worst = max((r.get("max_abs_diff", 0.0) for cases in validation["graphs"].values()
+                 for outputs in cases.values() for r in outputs.values()), default=0.0)
+    sizes = ", ".join(f"{name} {g['bytes'] / 1e6:.1f} MB" for name, g in manifest["graphs"].items())
+    click.echo(f"exported {manifest['kind']} package -> {out} ({sizes}); largest graph difference {worst:.2e}, "
+               f"generation identical to PyTorch at T=1 and T=1/2")
+
+
+# ----- generation -----------------------------------------------------------------------------
+
+
+@main.command("generate")
+@click.option("--package", "package_dir", type=click.Path(), default=None, help="Model package folder.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="A CALM or AR training run instead of a package (PyTorch reference; needs the train extra).")
+@click.argument("prompt")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="T = 1/n: 1, 0.5, 0.333, ...")
+@click.option("--method", type=click.Choice(["batch", "exact"]), default="batch", show_default=True,
+              help="CALM temperature sampling: batch approximation or exact rejection.")
+@click.option("--candidates", type=int, default=16, show_default=True, help="Chunks drawn per step by the batch approximation.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--stop", "stop_sequences", multiple=True, help="Stop before this text (repeatable).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+def generate_command(package_dir, checkpoint, prompt, max_new_tokens, temperature, method, candidates, seed,
+                     stop_sequences, provider, threads, as_json):
+    """Continue PROMPT, streaming the text as each step's tokens arrive.
+
+    Example: calm-edge generate --package models/calm-small "The history of" --seed 3
+    """
+    from calm_edge.runtime.generator import GeneratorParams
+
+    if (package_dir is None) == (checkpoint is None):
+        raise CalmEdgeError("pass exactly one of --package PKG or --checkpoint DIR")
+    params = GeneratorParams(max_new_tokens=max_new_tokens, temperature=temperature, method=method,
+                             candidates=candidates, seed=seed, stop_sequences=tuple(stop_sequences))
+    if package_dir is not None:
+        from calm_edge.runtime import Model
+
+        model = Model(package_dir, provider=provider, threads=threads)
+    else:
+        from calm_edge.generate import TorchModel
+
+        model = TorchModel(checkpoint)
+    if as_json:
+        from calm_edge.runtime import generate
+
+        result = generate(model, prompt, params)
+        click.echo(json.dumps({"prompt": prompt, "text": result.text, "token_ids": result.token_ids,
+                               "stopped_by": result.stopped_by, "seed": seed, "temperature": temperature}))
+        return
+    from calm_edge.runtime import stream
+
+    click.echo(prompt, nl=False)
+    for piece in stream(model, prompt, params):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
 if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from calm_edge.brierlm import BrierAccumulator
 from calm_edge.errors import CalmEdgeError
-from calm_edge.generate import GenerationSettings, generate
+from calm_edge.generate import GenerationSettings, TorchBackend, generate
 
 CONTINUATION = 4  # Brier-1..4 need 4 tokens
 
@@ -73,6 +73,9 @@ def evaluate_checkpoint(path, sources, context=256, stride=32, max_positions=200
     tokens, described = load_eval_tokens(sources, tokenizer, text_field=text_field, detokenize=detokenize,
                                          progress=progress)
     K = saved.config.autoencoder.chunk_size
+    # Leave the model room for the 4-token continuation (and a partial chunk's eos fill).
+    limit = TorchBackend(model).max_context * (K if saved.kind == "calm" else 1) - CONTINUATION - K
+    context = min(context, limit)
     context -= context % K
     results = {}
     for offset in offsets:

@@ -14,7 +14,7 @@ from calm_edge.runtime.generator import Backend, GeneratorParams, fill_to_chunks
 # The reference's settings are the runtime's GeneratorParams.
 GenerationSettings = GeneratorParams
 
-__all__ = ["GenerationSettings", "GeneratorParams", "TorchBackend", "fill_to_chunks", "generate"]
+__all__ = ["GenerationSettings", "GeneratorParams", "TorchBackend", "TorchModel", "fill_to_chunks", "generate"]
 
 
 class TorchBackend(Backend):
@@ -59,6 +59,22 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def decode(self, latents):
         return self.model.decode_tokens(torch.from_numpy(latents)).numpy()
+
+
+class TorchModel:
+    """A trained CALM or AR checkpoint behind the runtime's text API (`runtime.generate`, `stream`)."""
+
+    def __init__(self, checkpoint):
+        from calm_edge.tokenizer import Tokenizer
+        from calm_edge.training.language_models import load_language_model
+
+        self.module, saved = load_language_model(checkpoint)
+        self.tokenizer = Tokenizer(saved.tokenizer_path)
+        backend = TorchBackend(self.module)
+        self.kind, self.chunk_size, self.max_context = backend.kind, backend.chunk_size, backend.max_context
+
+    def new_state(self):
+        return TorchBackend(self.module)
 
 
 def generate(model, prompts, settings: GeneratorParams):

@@ -15,6 +15,7 @@ import logging
 import shutil
 import time
 
+from calm_edge.errors import CalmEdgeError
 from calm_edge.export import graphs, validate
 from calm_edge.fileio import atomic_output_dir
 from calm_edge.runtime import package
@@ -64,13 +65,18 @@ def provenance(saved):
     return info
 
 
-def export_package(checkpoint, out, force=False, e2e_prompts=3, e2e_tokens=64, seed=0, progress=True):
-    """Export the CALM or AR checkpoint at `checkpoint` to the package folder `out`."""
+def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_tokens=64, seed=0, progress=True):
+    """Export the CALM or AR checkpoint at `checkpoint` to the package folder `out`.
+
+    kind: "calm" or "ar" to insist on a model kind (the CLI's --calm / --ar), None for either.
+    """
     from calm_edge.training.language_models import load_language_model
 
     started = time.perf_counter()
     with atomic_output_dir(out, force=force, what="package") as tmp:
         model, saved = load_language_model(checkpoint)
+        if kind is not None and saved.kind != kind:
+            raise CalmEdgeError(f"{saved.folder} holds a {saved.kind} checkpoint, not {kind}; pass it with --{saved.kind}")
         kind = saved.kind
         section = model_section(kind, saved.config)
         specs = package.graph_specs(kind, section)

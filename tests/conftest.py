@@ -69,3 +69,13 @@ def trained_runs(tmp_path_factory, ae_shards):
     train_calm(config, root / "ae", ae_shards, root / "calm", progress=False)
     train_ar(config, ae_shards, root / "ar", progress=False)
     return {"root": root, "shards": ae_shards, "ae": root / "ae", "calm": root / "calm", "ar": root / "ar"}
+
+
+@pytest.fixture(scope="session")
+def packages(trained_runs, tmp_path_factory):
+    """The tiny CALM and AR runs exported to model packages: {"calm", "ar", "manifests"}."""
+    from calm_edge.export.exporter import export_package
+
+    root = tmp_path_factory.mktemp("packages")
+    manifests = {kind: export_package(trained_runs[kind], root / kind, progress=False) for kind in ("calm", "ar")}
+    return {"root": root, "calm": root / "calm", "ar": root / "ar", "manifests": manifests}

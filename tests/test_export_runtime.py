@@ -15,13 +15,6 @@ from calm_edge.runtime.text_generation import generate, stream
 from calm_edge.training.language_models import load_language_model
 
 
-@pytest.fixture(scope="module")
-def packages(trained_runs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("packages")
-    manifests = {kind: export_package(trained_runs[kind], root / kind, progress=False) for kind in ("calm", "ar")}
-    return {"root": root, "calm": root / "calm", "ar": root / "ar", "manifests": manifests}
-
-
 def test_packages_hold_the_graphs_and_a_complete_manifest(packages):
     calm = json.loads((packages["calm"] / "manifest.json").read_text())
     assert sorted(p.name for p in packages["calm"].iterdir()) == [
