@@ -218,16 +218,30 @@ def _explicit_config(ctx):
                for name in ("preset", "config_file", "overrides"))
 
 
+def train_options(command):
+    """The options every `train` command shares, after --data and --out."""
+    command = click.option("--force", is_flag=True, help="Delete the run already in --out and start over.")(command)
+    command = click.option(
+        "--resume", is_flag=True,
+        help="Continue from the newest checkpoint in --out (with its config unless --preset/--config/--set).")(command)
+    command = click.option("--tokenizer", "tokenizer_dir", default=None, type=click.Path(),
+                           help="Tokenizer the shards were prepared with (default: from their index.json).")(command)
+    command = click.option("--out", required=True, type=click.Path(file_okay=False),
+                           help="Run folder: checkpoints/step_*, metrics.jsonl, curves.png (and run_summary.json).")(command)
+    command = click.option("--data", required=True, type=click.Path(file_okay=False),
+                           help="Prepared token shards (from `calm-edge data prepare`).")(command)
+    return command
+
+
+def _training_config(ctx, resume, force, preset, config_file, overrides):
+    """The run's Config; None when resuming without --preset/--config/--set (reuse the checkpoint's)."""
+    if resume and force:
+        raise CalmEdgeError("--resume and --force contradict each other; pass one of them")
+    return _resolve(preset, config_file, overrides) if (_explicit_config(ctx) or not resume) else None
+
+
 @train.command("autoencoder")
-@click.option("--data", required=True, type=click.Path(file_okay=False),
-              help="Prepared token shards (from `calm-edge data prepare`).")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Run folder: checkpoints/step_*, metrics.jsonl, curves.png.")
-@click.option("--tokenizer", "tokenizer_dir", default=None, type=click.Path(),
-              help="Tokenizer the shards were prepared with (default: the path their index.json records).")
-@click.option("--resume", is_flag=True,
-              help="Continue from the newest checkpoint in --out (with its config unless --preset/--config/--set).")
-@click.option("--force", is_flag=True, help="Delete the run already in --out and start over.")
+@train_options
 @config_options
 @click.pass_context
 def train_autoencoder_command(ctx, data, out, tokenizer_dir, resume, force, preset, config_file, overrides):
@@ -237,9 +251,7 @@ def train_autoencoder_command(ctx, data, out, tokenizer_dir, resume, force, pres
     """
     from calm_edge.training.autoencoder import train_autoencoder
 
-    if resume and force:
-        raise CalmEdgeError("--resume and --force contradict each other; pass one of them")
-    config = _resolve(preset, config_file, overrides) if (_explicit_config(ctx) or not resume) else None
+    config = _training_config(ctx, resume, force, preset, config_file, overrides)
     result = train_autoencoder(config, data, out, tokenizer=tokenizer_dir, resume=resume, force=force,
                                progress=_progress(ctx))
     valid = result["valid"]
@@ -299,21 +311,6 @@ def eval_autoencoder_command(ctx, checkpoint, data, out, detokenize, text_field,
 # ----- language models ------------------------------------------------------------------------
 
 
-def _train_options(command):
-    """The options every `train` command shares, after --data and --out."""
-    command = click.option("--force", is_flag=True, help="Delete the run already in --out and start over.")(command)
-    command = click.option(
-        "--resume", is_flag=True,
-        help="Continue from the newest checkpoint in --out (with its config unless --preset/--config/--set).")(command)
-    command = click.option("--tokenizer", "tokenizer_dir", default=None, type=click.Path(),
-                           help="Tokenizer the shards were prepared with (default: from their index.json).")(command)
-    command = click.option("--out", required=True, type=click.Path(file_okay=False),
-                           help="Run folder: checkpoints/step_*, metrics.jsonl, curves.png, run_summary.json.")(command)
-    command = click.option("--data", required=True, type=click.Path(file_okay=False),
-                           help="Prepared token shards (from `calm-edge data prepare`).")(command)
-    return command
-
-
 def _echo_lm_summary(summary):
     valid = summary.get("valid") or {}
     score = f"valid loss {valid['loss']:.4f}, " if "loss" in valid else ""
@@ -327,7 +324,7 @@ def _echo_lm_summary(summary):
 @train.command("calm")
 @click.option("--autoencoder", required=True, type=click.Path(),
               help="Run folder of `calm-edge train autoencoder` (its newest checkpoint) or a checkpoint folder.")
-@_train_options
+@train_options
 @config_options
 @click.pass_context
 def train_calm_command(ctx, autoencoder, data, out, tokenizer_dir, resume, force, preset, config_file, overrides):
@@ -337,15 +334,13 @@ def train_calm_command(ctx, autoencoder, data, out, tokenizer_dir, resume, force
     """
     from calm_edge.training.language_models import train_calm
 
-    if resume and force:
-        raise CalmEdgeError("--resume and --force contradict each other; pass one of them")
-    config = _resolve(preset, config_file, overrides) if (_explicit_config(ctx) or not resume) else None
+    config = _training_config(ctx, resume, force, preset, config_file, overrides)
     _echo_lm_summary(train_calm(config, autoencoder, data, out, tokenizer=tokenizer_dir, resume=resume,
                                 force=force, progress=_progress(ctx)))
 
 
 @train.command("ar")
-@_train_options
+@train_options
 @config_options
 @click.pass_context
 def train_ar_command(ctx, data, out, tokenizer_dir, resume, force, preset, config_file, overrides):
@@ -355,9 +350,7 @@ def train_ar_command(ctx, data, out, tokenizer_dir, resume, force, preset, confi
     """
     from calm_edge.training.language_models import train_ar
 
-    if resume and force:
-        raise CalmEdgeError("--resume and --force contradict each other; pass one of them")
-    config = _resolve(preset, config_file, overrides) if (_explicit_config(ctx) or not resume) else None
+    config = _training_config(ctx, resume, force, preset, config_file, overrides)
     _echo_lm_summary(train_ar(config, data, out, tokenizer=tokenizer_dir, resume=resume, force=force,
                               progress=_progress(ctx)))
 

@@ -34,20 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from calm_edge.config import Config
+from calm_edge.models.backbone import RMSNorm  # one RMSNorm for every model (elementwise ops only)
 
 INITIAL_LOG_SIGMA = math.log(0.1)
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm, written out so that ONNX export sees only elementwise ops."""
-
-    def __init__(self, size, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(size))
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 class ResidualMLP(nn.Module):
