@@ -29,3 +29,14 @@ def test_calm_spends_fewer_inference_flops_per_token_at_the_papers_sizes():
     assert 0.5 < calm / ar < 0.85
     summary = flops.summary(config, "calm", tokens_seen=1000)
     assert summary["training_flops"] == pytest.approx(1000 * summary["training_flops_per_token"])
+
+
+def test_small_preset_trains_calm_and_ar_at_equal_flops():
+    config = preset("small")
+    budget = {
+        "calm": flops.calm_training_flops_per_token(config) * config.train_calm.max_steps
+        * config.train_calm.batch_size * config.train_calm.seq_len,
+        "ar": flops.ar_training_flops_per_token(config) * config.train_ar.max_steps
+        * config.train_ar.batch_size * config.train_ar.seq_len,
+    }
+    assert budget["calm"] == pytest.approx(budget["ar"], rel=0.005)
