@@ -309,10 +309,14 @@ def _small():
                             num_encoder_layers=2, num_decoder_layers=2),
         "calm": dict(backbone=backbone, noise_size=64, energy_head_layers=3),
         "ar": dict(backbone=backbone),
-        "train_autoencoder": dict(max_steps=6000, batch_size=32, seq_len=128, lr=1e-3, warmup_steps=300,
-                                  eval_every=500, save_every=500),
-        "train_calm": dict(max_steps=12_000, batch_size=16, seq_len=512, lr=6e-4, warmup_steps=500),
-        "train_ar": dict(max_steps=12_000, batch_size=16, seq_len=512, lr=6e-4, warmup_steps=500),
+        # Measured on a 2-core CPU (benchmarks/autoencoder_small.py): bf16 autocast (needs a CPU
+        # with bfloat16 support, else --set train_autoencoder.bf16=false) and a high learning rate.
+        "train_autoencoder": dict(max_steps=3000, batch_size=32, seq_len=128, lr=2e-3, warmup_steps=200,
+                                  bf16=True, eval_every=250, eval_batches=10, save_every=250),
+        # Equal training FLOPs (tests/test_flops.py checks it): a CALM token costs 0.737 of an AR
+        # token here (calm_edge/flops.py), so CALM takes 1000 / 0.737 = 1356 steps of the same batches.
+        "train_calm": dict(max_steps=1356, batch_size=16, seq_len=512, lr=6e-4, warmup_steps=100),
+        "train_ar": dict(max_steps=1000, batch_size=16, seq_len=512, lr=6e-4, warmup_steps=100),
     }
 
 
