@@ -140,6 +140,16 @@ def test_training_reduces_loss_and_writes_the_run(trained):
     assert summary["tokens_seen"] == TRAIN_STEPS * 16 * 64
 
 
+def test_bf16_autocast_and_gradient_accumulation_train(ae_shards, tmp_path):
+    from calm_edge.training.autoencoder import train_autoencoder
+
+    config = tiny_config("train_autoencoder.bf16=true", "train_autoencoder.grad_accum_steps=2",
+                         "train_autoencoder.max_steps=3", "train_autoencoder.batch_size=4")
+    summary = train_autoencoder(config, ae_shards, tmp_path / "run", progress=False)
+    assert summary["tokens_seen"] == 3 * 2 * 4 * 64
+    assert math.isfinite(summary["valid"]["loss"])
+
+
 def test_checkpoint_is_self_contained(trained, ae_shards, tokenizer_dir):
     from calm_edge.fileio import sha256_of
     from calm_edge.training import checkpoint

@@ -94,6 +94,9 @@ class Trainer:
             self._restore(resume_from)
         if self.step >= s.max_steps:
             log.info("%s is already at step %d of %d; nothing to train", self.out, self.step, s.max_steps)
+        if self.shards.tokens("valid") < s.seq_len:
+            log.warning("%s has fewer than %d valid tokens: no validation; prepare it with --valid-fraction > 0",
+                        self.shards.folder, s.seq_len)
 
         self.model.train()
         started = time.perf_counter() - self.elapsed
