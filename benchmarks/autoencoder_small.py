@@ -47,12 +47,13 @@ def main():
     args = parser.parse_args()
 
     cli = ["calm-edge", "-q"]
-    commands = {}
+    commands = {
+        "tokenizer": [*cli, "tokenizer", "train", "--data", DATA, "--vocab-size", "8192", "--out", "runs/tok"],
+        "data": [*cli, "data", "prepare", "--data", DATA, "--tokenizer", "runs/tok", "--out", "runs/shards"],
+    }
     if not (REPO / "runs" / "tok" / "tokenizer.model").exists():
-        commands["tokenizer"] = [*cli, "tokenizer", "train", "--data", DATA, "--vocab-size", "8192", "--out", "runs/tok"]
         run(commands["tokenizer"])
     if not (REPO / "runs" / "shards" / "index.json").exists():
-        commands["data"] = [*cli, "data", "prepare", "--data", DATA, "--tokenizer", "runs/tok", "--out", "runs/shards"]
         run(commands["data"])
 
     train = ["calm-edge", "train", "autoencoder", "--preset", "small", "--data", "runs/shards", "--out", args.run]
@@ -90,12 +91,14 @@ def main():
         "tokens_evaluated": main_eval["tokens_evaluated"],
         "token_accuracy": main_eval["token_accuracy"],
         "chunk_accuracy": main_eval["chunk_accuracy"],
+        "most_missed_tokens": main_eval["most_missed_tokens"],
         "posterior": main_eval["posterior"],
         "posterior_sample": main_eval["posterior_sample"],
         "noise": main_eval["noise"],
         "noise_robustness": main_eval["noise_robustness"],
         "as_is_wikitext": {k: evaluations["none"][k] for k in
-                           ("text_form", "tokens_evaluated", "token_accuracy", "chunk_accuracy", "noise_robustness")},
+                           ("text_form", "tokens_evaluated", "token_accuracy", "chunk_accuracy", "most_missed_tokens",
+                            "noise_robustness")},
     }
     write_json_atomic(args.out, report)
     print(json.dumps({k: report[k] for k in ("steps", "tokens_seen", "train_wall_seconds", "token_accuracy",

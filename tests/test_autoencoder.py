@@ -28,7 +28,14 @@ def trained(tmp_path_factory, ae_shards):
     config = tiny_config(f"train_autoencoder.max_steps={TRAIN_STEPS}", "train_autoencoder.eval_every=100",
                          "train_autoencoder.save_every=150")
     out = tmp_path_factory.mktemp("ae") / "run"
-    summary = train_autoencoder(config, ae_shards, out, progress=False)
+    # One thread: a model this small gains little from two, and on a busy 2-core machine two
+    # threads that wait for each other can make the run many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = train_autoencoder(config, ae_shards, out, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return out, config, summary
 
 
@@ -184,6 +191,9 @@ def test_trained_autoencoder_reconstructs_its_data_and_is_robust(trained, ae_sha
     assert by_scale[0.1] >= 0.9
     assert by_scale[0.2] >= 0.8
     assert by_scale[1.0] < by_scale[0.1]  # the table measures something: large noise does hurt
+    missed = result["most_missed_tokens"]
+    assert missed and all(0 < m["errors"] <= m["occurrences"] for m in missed)
+    assert sum(m["errors"] for m in missed) <= round((1 - result["token_accuracy"]) * result["tokens_evaluated"])
 
 
 def test_eval_cli_on_text_and_shards(trained, ae_shards, tmp_path):

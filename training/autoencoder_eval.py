@@ -7,6 +7,8 @@ argmax under several latents:
 - the posterior mean: `token_accuracy` (share of tokens right) and `chunk_accuracy` (share of
   chunks with all K tokens right), the reconstruction figures;
 - a posterior sample, mean + sigma * eps: what the CALM model is trained to predict;
+- `most_missed_tokens`: the tokens most often reconstructed wrongly from the mean, with how
+  often they occur (a token the training data never held, e.g. WikiText's "@", shows up here);
 - the mean plus isotropic Gaussian noise of absolute standard deviation `scale` in every latent
   dimension, for each of NOISE_SCALES: the robustness table. The posterior's own scale
   (`posterior.mean_rms`, the root-mean-square of the mean's entries, and `posterior.sigma_mean`)
@@ -40,6 +42,7 @@ def evaluate_autoencoder(checkpoint_path, sources, text_field="text", detokenize
     right_tokens = dict.fromkeys(conditions, 0)
     right_chunks = dict.fromkeys(conditions, 0)
     mean_square, sigma_sum = 0.0, 0.0
+    missed = torch.zeros(model.vocab_size, dtype=torch.int64)
     starts = range(0, len(chunks), batch_chunks)
     with torch.no_grad():
         for start in tqdm(starts, desc="evaluating", unit="batch", disable=not progress, leave=False):
@@ -55,6 +58,8 @@ def evaluate_autoencoder(checkpoint_path, sources, text_field="text", detokenize
                 correct = model.decode_tokens(latent) == batch
                 right_tokens[name] += int(correct.sum())
                 right_chunks[name] += int(correct.all(-1).sum())
+                if name == "mean":
+                    missed += torch.bincount(batch[~correct], minlength=model.vocab_size)
 
     n_chunks = len(chunks)
     n_tokens = n_chunks * K
@@ -74,12 +79,20 @@ def evaluate_autoencoder(checkpoint_path, sources, text_field="text", detokenize
         "tokens_evaluated": n_tokens,
         "chunks_evaluated": n_chunks,
         **accuracy("mean"),
+        "most_missed_tokens": _most_missed(missed, chunks, tokenizer),
         "posterior": {"mean_rms": (mean_square / n_values) ** 0.5, "sigma_mean": sigma_sum / n_values},
         "posterior_sample": accuracy("sample"),
         "noise": "latent = posterior mean + scale * N(0, I), scale an absolute standard deviation per dimension",
         "noise_robustness": [{"scale": scale, **accuracy(f"noise_{scale}")} for scale in noise_scales],
         "seed": seed,
     }
+
+
+def _most_missed(missed, chunks, tokenizer, top=10):
+    occurrences = torch.bincount(chunks.reshape(-1), minlength=len(missed))
+    ids = [i for i in torch.argsort(missed, descending=True, stable=True)[:top].tolist() if missed[i] > 0]
+    return [{"id": i, "piece": tokenizer.id_to_piece(i), "errors": int(missed[i]), "occurrences": int(occurrences[i])}
+            for i in ids]
 
 
 def _normal(like, generator):
