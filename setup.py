@@ -44,6 +44,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "calm_edge",
+        "calm_edge.models",
         "calm_edge.training",
         "calm_edge.export",
         "calm_edge.runtime",

@@ -24,7 +24,7 @@ def test_non_editable_install_into_a_fresh_venv(tmp_path):
     # Build from a copy of the source, as `pip install .` from a clone would.
     source = tmp_path / "src"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-        ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "models"))
+        ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
     env_dir = tmp_path / "venv"
     # The system's site-packages provide the dependencies, pip and setuptools, so the test needs no network.
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
@@ -36,8 +36,8 @@ def test_non_editable_install_into_a_fresh_venv(tmp_path):
     assert install.returncode == 0, install.stdout + install.stderr
 
     where = subprocess.run(
-        [python, "-c", "import calm_edge, calm_edge.runtime, calm_edge.training, calm_edge.export; "
-                       "print(calm_edge.__file__); print(calm_edge.runtime.__file__)"],
+        [python, "-c", "import calm_edge, calm_edge.runtime, calm_edge.training, calm_edge.export, calm_edge.models; "
+                       "print(calm_edge.__file__); print(calm_edge.runtime.__file__); print(calm_edge.models.__file__)"],
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert where.returncode == 0, where.stderr
