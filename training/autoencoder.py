@@ -32,16 +32,21 @@ def train_autoencoder(config, data, out, tokenizer=None, resume=False, force=Fal
             raise ConfigError("a config is needed to start training; pass --preset/--config/--set")
         config = checkpoint.load_checkpoint(checkpoint.newest_to_resume(out), KIND).config
     shards = TokenShards(data)
+    check_shards_vocabulary(config, shards, data)
+    tokenizer_file = find_shards_tokenizer(shards, tokenizer)
+    trainer = Trainer(KIND, Autoencoder, config, "train_autoencoder", data, out,
+                      files={checkpoint.TOKENIZER_FILE: tokenizer_file}, progress=progress)
+    return trainer.run(resume=resume, force=force)
+
+
+def check_shards_vocabulary(config, shards, data):
+    """The shards must be tokenized with the vocabulary the config's models are built for."""
     if shards.vocab_size != config.tokenizer.vocab_size:
         raise ConfigError(
             f"the shards in {data} use a {shards.vocab_size}-token vocabulary but the config has "
             f"tokenizer.vocab_size={config.tokenizer.vocab_size}; pass --set tokenizer.vocab_size={shards.vocab_size} "
             "or a preset with that vocabulary"
         )
-    tokenizer_file = find_shards_tokenizer(shards, tokenizer)
-    trainer = Trainer(KIND, Autoencoder, config, "train_autoencoder", data, out,
-                      files={checkpoint.TOKENIZER_FILE: tokenizer_file}, progress=progress)
-    return trainer.run(resume=resume, force=force)
 
 
 def find_shards_tokenizer(shards, tokenizer=None):

@@ -20,7 +20,7 @@ from calm_edge.data import TokenShards
 from calm_edge.errors import CalmEdgeError, ConfigError
 from calm_edge.fileio import write_json_atomic
 from calm_edge.training import checkpoint
-from calm_edge.training.autoencoder import find_shards_tokenizer, load_autoencoder
+from calm_edge.training.autoencoder import check_shards_vocabulary, find_shards_tokenizer, load_autoencoder
 from calm_edge.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -42,24 +42,16 @@ def check_autoencoder_fits(config: Config, ae_config: Config, ae_folder):
         )
 
 
-def _check_vocab(config, shards, data):
-    if shards.vocab_size != config.tokenizer.vocab_size:
-        raise ConfigError(
-            f"the shards in {data} use a {shards.vocab_size}-token vocabulary but the config has "
-            f"tokenizer.vocab_size={config.tokenizer.vocab_size}; pass --set tokenizer.vocab_size={shards.vocab_size}"
-        )
-
-
 def train_calm(config, autoencoder, data, out, tokenizer=None, resume=False, force=False, progress=True):
     """Train (or resume) a CALM model on shards `data` with the frozen autoencoder at `autoencoder`."""
     from calm_edge.models.calm import CalmModel
 
     if config is None:
-        config = checkpoint.load_checkpoint(out, "calm").config
+        config = checkpoint.load_checkpoint(checkpoint.newest_to_resume(out), "calm").config
     ae_model, ae_saved = load_autoencoder(autoencoder)
     check_autoencoder_fits(config, ae_saved.config, ae_saved.folder)
     shards = TokenShards(data)
-    _check_vocab(config, shards, data)
+    check_shards_vocabulary(config, shards, data)
     if ae_saved.trainer.get("data_tokenizer_sha256") not in (None, shards.index["tokenizer"]["sha256"]):
         raise CalmEdgeError(
             f"the autoencoder in {ae_saved.folder} was trained on data of another tokenizer than {data}; "
@@ -82,9 +74,9 @@ def train_ar(config, data, out, tokenizer=None, resume=False, force=False, progr
     from calm_edge.models.ar import ARModel
 
     if config is None:
-        config = checkpoint.load_checkpoint(out, "ar").config
+        config = checkpoint.load_checkpoint(checkpoint.newest_to_resume(out), "ar").config
     shards = TokenShards(data)
-    _check_vocab(config, shards, data)
+    check_shards_vocabulary(config, shards, data)
     trainer = Trainer("ar", ARModel, config, "train_ar", data, out,
                       files={checkpoint.TOKENIZER_FILE: find_shards_tokenizer(shards, tokenizer)}, progress=progress)
     return _write_summary(out, config, "ar", trainer.run(resume=resume, force=force))
