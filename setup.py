@@ -25,8 +25,9 @@ BASE = [
 EXTRAS = {
     # Training and export. The range admits the CPU build of torch 2.13.0 that CI pins first.
     "train": ["torch>=2.4", "onnx>=1.16", "safetensors>=0.4", "matplotlib>=3.7"],
-    # Peer runtimes and plotting for `calm-edge bench`.
-    "bench": ["matplotlib>=3.7", "psutil>=5.9"],
+    # Peer runtimes and plotting for `calm-edge bench`; transformers loads the Hugging Face export
+    # (`calm-edge export --format hf`) to validate it and to feed the peers.
+    "bench": ["matplotlib>=3.7", "psutil>=5.9", "transformers>=4.45", "sentencepiece>=0.1.99"],
     # GPU machines: onnxruntime-gpu provides the same `onnxruntime` module as the CPU wheel.
     # The two must not be installed together; README.md shows the install that swaps them.
     "gpu": ["onnxruntime-gpu>=1.17"],

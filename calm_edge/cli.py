@@ -404,18 +404,34 @@ def eval_brierlm_command(ctx, checkpoint, data, out, detokenize, text_field, con
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Package folder to write.")
 @click.option("--force", is_flag=True, help="Replace an existing package (only once the new one validated).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the end-to-end validation.")
+@click.option("--format", "out_format", type=click.Choice(["onnx", "hf"]), default="onnx", show_default=True,
+              help="onnx: calm-edge model package; hf: the AR baseline as a Hugging Face Llama checkpoint (for peer runtimes).")
+@click.option("--optimize", is_flag=True,
+              help="Apply ONNX Runtime's transformer fusions (RMSNorm) to the backbone / ar graph offline.")
 @click.pass_context
-def export_command(ctx, calm_dir, ar_dir, out, force, seed):
+def export_command(ctx, calm_dir, ar_dir, out, force, seed, out_format, optimize):
     """Export a trained CALM or AR model to a validated model package (ONNX graphs + manifest).
 
     Example: calm-edge export --calm runs/calm --out packages/calm-small
+
+    Example: calm-edge export --ar runs/ar --format hf --out hf/ar-small
     """
     from calm_edge.export.exporter import export_package
 
     if (calm_dir is None) == (ar_dir is None):
         raise CalmEdgeError("pass exactly one of --calm DIR or --ar DIR")
+    if out_format == "hf":
+        from calm_edge.export.huggingface import export_hf
+
+        if ar_dir is None:
+            raise CalmEdgeError("--format hf exports the token-by-token baseline (a Llama model); pass --ar DIR")
+        report = export_hf(ar_dir, out, force=force)
+        worst = max(r["max_abs_diff"] for r in report["logits"].values())
+        click.echo(f"exported Hugging Face Llama checkpoint -> {out}; transformers' logits differ by at most "
+                   f"{worst:.2e}, tokenizer identical on sample text")
+        return
     manifest = export_package(calm_dir or ar_dir, out, force=force, kind="calm" if calm_dir else "ar", seed=seed,
-                              progress=_progress(ctx))
+                              progress=_progress(ctx), optimize=optimize)
     validation = manifest["validation"]
     worst = max((r.get("max_abs_diff", 0.0) for cases in validation["graphs"].values()
                  for outputs in cases.values() for r in outputs.values()), default=0.0)

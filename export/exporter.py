@@ -17,6 +17,7 @@ import time
 
 from calm_edge.errors import CalmEdgeError
 from calm_edge.export import graphs, validate
+from calm_edge.export import optimize as optimize_module
 from calm_edge.fileio import atomic_output_dir
 from calm_edge.runtime import package
 
@@ -65,10 +66,13 @@ def provenance(saved):
     return info
 
 
-def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_tokens=64, seed=0, progress=True):
+def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_tokens=64, seed=0, progress=True,
+                   optimize=False):
     """Export the CALM or AR checkpoint at `checkpoint` to the package folder `out`.
 
     kind: "calm" or "ar" to insist on a model kind (the CLI's --calm / --ar), None for either.
+    optimize: apply ONNX Runtime's transformer fusions to the backbone / ar graph (`optimize.py`)
+    before validation, so the validated graph is the one shipped.
     """
     from calm_edge.training.language_models import load_language_model
 
@@ -83,11 +87,18 @@ def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_t
         for name, module in graphs.wrappers(kind, model).items():
             log.info("exporting %s", name)
             graphs.export_graph(module, specs[name], section, tmp / specs[name]["file"])
+        fused = {}
+        if optimize:
+            for name in set(specs) & set(optimize_module.FUSABLE_GRAPHS):
+                path = tmp / specs[name]["file"]
+                fused[name] = optimize_module.optimize_graph(path, path, section["num_heads"], section["hidden_size"])
+                log.info("optimised %s: %s", name, fused[name])
         shutil.copyfile(saved.tokenizer_path, tmp / package.TOKENIZER_FILE)
         # The manifest first without validation figures, so the runtime can open the folder.
         package.write_manifest(tmp, kind, section, provenance(saved))
         report = validate.validate_package(model, tmp, e2e_prompts=e2e_prompts, e2e_tokens=e2e_tokens, seed=seed,
                                            progress=progress)
         report["export_seconds"] = round(time.perf_counter() - started, 2)
+        report["graph_optimisation"] = {"applied": bool(optimize), "fused_operators": fused}
         manifest = package.write_manifest(tmp, kind, section, provenance(saved), validation=report)
     return manifest

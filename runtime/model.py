@@ -6,8 +6,9 @@
 
 `Model` checks the package (manifest, format version, sha256 of every file), opens one ONNX
 Runtime session per graph on the chosen execution provider, and serves as the loop's backend:
-`start` / `advance` keep the key/value cache between steps as ONNX Runtime values, so the cache
-is never copied out to numpy between steps. A `Model` holds no per-generation state: each
+`start` / `advance` keep the key/value cache in buffers preallocated for the whole context on
+the provider's device (`kv_cache.py`), bound through IO binding, so no step allocates a cache
+or copies it out to numpy. A `Model` holds no per-generation state: each
 generation gets its own `ModelState`, so one `Model` can serve several threads at once.
 
 Providers: "cpu" (default), "cuda", "tensorrt" (TensorRT's execution provider with fp16, an
@@ -15,6 +16,7 @@ engine cache folder and optimisation profiles over the dynamic axes). Asking for
 this onnxruntime build lacks is an error listing the ones it has.
 """
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ import numpy as np
 from calm_edge.errors import CalmEdgeError
 from calm_edge.runtime import package
 from calm_edge.runtime.generator import Backend
+from calm_edge.runtime.kv_cache import ONNX_TO_NUMPY, KVCache
 from calm_edge.tokenizer import Tokenizer
 
 PROVIDERS = {
@@ -124,13 +127,19 @@ class Model:
                 self.sessions[name] = ort.InferenceSession(str(self.path / graph["file"]), options, providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types for a bad graph
                 raise CalmEdgeError(f"{self.path / graph['file']} cannot be loaded by onnxruntime ({e}); re-export the package") from None
-        self._step_graph = self.sessions["ar" if self.kind == "ar" else "backbone"]
-        specs = package.graph_specs(self.kind, section)
-        step_spec = specs["ar" if self.kind == "ar" else "backbone"]
+        self._step_name = "ar" if self.kind == "ar" else "backbone"
+        self._step_graph = self.sessions[self._step_name]
+        step_spec = package.graph_specs(self.kind, section)[self._step_name]
         self._past_names = [io["name"] for io in step_spec["inputs"][3:]]
         self._present_names = [io["name"] for io in step_spec["outputs"][1:]]
         self._first_output = step_spec["outputs"][0]["name"]
-        self._empty_cache_shape = (section["num_kv_heads"], 0, section["head_dim"])
+        self.num_kv_heads, self.head_dim = section["num_kv_heads"], section["head_dim"]
+        # The cache lives where the step graph computes: the GPU for cuda/tensorrt, so it never
+        # crosses to the host between steps. Its dtype is the graph's (fp16 packages may keep
+        # an fp16 cache).
+        present_type = {o.name: o.type for o in self._step_graph.get_outputs()}[self._present_names[0]]
+        self._cache_dtype = ONNX_TO_NUMPY[present_type]
+        self._cache_device = "cpu" if provider == "cpu" else "cuda"
 
     def new_state(self):
         """Per-generation state (mask and cache) behind the loop's Backend interface."""
@@ -147,7 +156,11 @@ class Model:
 
 
 class ModelState(Backend):
-    """One generation's mask and key/value cache on a shared `Model`."""
+    """One generation's mask, preallocated key/value cache and timings on a shared `Model`.
+
+    `timings` accumulates the seconds spent in each graph's run, so a benchmark can tell the
+    graphs' time from the loop's own (sampling, bookkeeping, Python).
+    """
 
     def __init__(self, model: Model):
         self.model = model
@@ -155,35 +168,30 @@ class ModelState(Backend):
         self.eos_id, self.pad_id, self.noise_size = model.eos_id, model.pad_id, model.noise_size
         self.max_context = model.max_context
         self.mask = None
-        self.cache = None  # present.* OrtValues of the last step, fed back as past_key_values.*
-        self.timings = {}
+        self.cache = None  # a KVCache, allocated at prefill when the batch size is known
+        self.timings = {name: 0.0 for name in model.sessions}
 
     def _run(self, input_ids, position_ids):
-        ort = _onnxruntime()
         session = self.model._step_graph
         binding = session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask, np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
-        if self.cache is None:
-            empty = np.zeros((len(input_ids), *self.model._empty_cache_shape), np.float32)
-            for name in self.model._past_names:
-                binding.bind_cpu_input(name, empty)
-        else:
-            for name, value in zip(self.model._past_names, self.cache):
-                binding.bind_ortvalue_input(name, value)
-        device = "cpu" if self.model.provider == "cpu" else "cuda"
-        binding.bind_output(self.model._first_output)
-        for name in self.model._present_names:
-            binding.bind_output(name, device)
+        binding.bind_output(self.model._first_output)  # first, so it is get_outputs()[0]
+        total = self.cache.bind(binding, position_ids.shape[1])
+        began = time.perf_counter()
         session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        self.cache = outputs[1:]
-        last = outputs[0].numpy()
+        self.timings[self.model._step_name] += time.perf_counter() - began
+        self.cache.commit(total)
+        last = binding.get_outputs()[0].numpy()
         return last[:, -1] if last.ndim == 3 else last
 
     def start(self, input_ids, attention_mask, position_ids):
-        self.mask, self.cache = attention_mask, None
+        model = self.model
+        self.mask = attention_mask
+        self.cache = KVCache(_onnxruntime(), model._past_names, model._present_names, batch=len(input_ids),
+                             kv_heads=model.num_kv_heads, head_dim=model.head_dim, capacity=self.max_context,
+                             dtype=model._cache_dtype, device=model._cache_device)
         return self._run(input_ids, position_ids)
 
     def advance(self, input_ids, position_ids):
@@ -191,7 +199,13 @@ class ModelState(Backend):
         return self._run(input_ids, position_ids)
 
     def sample_latents(self, hidden, noise):
-        return self.model.sample_latents(hidden, noise)
+        began = time.perf_counter()
+        latents = self.model.sample_latents(hidden, noise)
+        self.timings["energy_head"] += time.perf_counter() - began
+        return latents
 
     def decode(self, latents):
-        return self.model.decode(latents)
+        began = time.perf_counter()
+        token_ids = self.model.decode(latents)
+        self.timings["decoder"] += time.perf_counter() - began
+        return token_ids

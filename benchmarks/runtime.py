@@ -1,0 +1,145 @@
+"""Benchmark: the Python runtime's generation loop on model packages, where each step's time goes.
+
+For every package given (CALM and AR alike), on ONNX Runtime's CPU provider at batch 1:
+  - prefill time of a real prompt (the start of a WikiText-103 test document);
+  - decode: tokens/s over `--new-tokens` new tokens at T = 1 and at T = 1/2 (batch approximation,
+    16 candidates), the median of `--repeats` runs;
+  - per step, the time in each graph (backbone or ar, energy_head, decoder) and the rest, which
+    is the loop's own overhead (sampling, random numbers, bookkeeping, Python): its share of the
+    step is the figure to keep small;
+  - memory: resident set size after loading and at the end, and the preallocated KV cache.
+
+Everything is measured in one run, so the ratios (T = 1/2 against T = 1, CALM against AR) compare
+like with like on a noisy machine.
+
+    python benchmarks/runtime.py --package models/calm-small --package models/ar-small --name small
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+from calm_edge.fileio import write_json_atomic
+from calm_edge.runtime.generator import GeneratorParams, iterate_steps
+from calm_edge.runtime.model import Model
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_TEXT = REPO.parent / "shared" / "data" / "wikitext103-test-doc.jsonl"
+
+
+def rss_mb():
+    """Current resident set size in MB (Linux /proc), falling back to the peak."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+
+
+def prompt_ids(model, text_file, prompt_tokens):
+    with open(text_file, encoding="utf-8") as f:
+        text = json.loads(f.readline())["text"]
+    return model.tokenizer.encode(text)[:prompt_tokens]
+
+
+def one_generation(model, prompt, params):
+    """(seconds, prefill seconds, steps, tokens, graph seconds) of one generation."""
+    state = model.new_state()
+    began = time.perf_counter()
+    steps, tokens, prefill = 0, 0, None
+    for new_ids in iterate_steps(state, [prompt], params):
+        if prefill is None:  # the first step follows the prefill call directly
+            prefill = state.timings[model._step_name]
+        steps += 1
+        tokens += len(new_ids[0])
+    seconds = time.perf_counter() - began
+    graphs = dict(state.timings)
+    graphs[model._step_name] -= prefill
+    return {"seconds": seconds, "prefill_seconds": prefill, "steps": steps, "tokens": tokens, "graphs": graphs}
+
+
+def measure(model, prompt, params, repeats):
+    runs = [one_generation(model, prompt, params) for _ in range(repeats)]
+    run = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run, whole
+    decode_seconds = run["seconds"] - run["prefill_seconds"]
+    graph_seconds = sum(run["graphs"].values())
+    per_step_ms = {name: 1e3 * s / run["steps"] for name, s in run["graphs"].items()}
+    per_step_ms["loop_overhead"] = 1e3 * (decode_seconds - graph_seconds) / run["steps"]
+    return {
+        "new_tokens": run["tokens"],
+        "steps": run["steps"],
+        "prefill_ms": round(1e3 * run["prefill_seconds"], 2),
+        "decode_tokens_per_second": round(run["tokens"] / decode_seconds, 1),
+        "step_ms": round(1e3 * decode_seconds / run["steps"], 3),
+        "per_step_ms": {k: round(v, 3) for k, v in per_step_ms.items()},
+        "loop_share": round((decode_seconds - graph_seconds) / decode_seconds, 4),
+        "all_runs_seconds": [round(r["seconds"], 4) for r in runs],
+    }
+
+
+def bench_package(path, text_file, prompt_tokens, new_tokens, threads, repeats):
+    before = rss_mb()
+    model = Model(path, threads=threads)
+    loaded = rss_mb()
+    prompt = prompt_ids(model, text_file, prompt_tokens)
+    result = {"package": str(path), "kind": model.kind, "chunk_size": model.chunk_size,
+              "prompt_tokens": len(prompt), "rss_mb_before_load": round(before, 1), "rss_mb_loaded": round(loaded, 1)}
+    one_generation(model, prompt, GeneratorParams(max_new_tokens=8, seed=0, stop_at_eos=False))  # warm-up
+    for label, temperature in (("T=1", 1.0), ("T=1/2", 0.5)):
+        params = GeneratorParams(max_new_tokens=new_tokens, temperature=temperature, seed=1, stop_at_eos=False)
+        result[label] = measure(model, prompt, params, repeats)
+        print(f"{path} {label}: {result[label]['decode_tokens_per_second']} tokens/s, step {result[label]['step_ms']} ms "
+              f"{result[label]['per_step_ms']}, loop share {result[label]['loop_share']:.1%}")
+    state = model.new_state()
+    state.start(*_one_prompt_arrays(model, prompt))
+    result["kv_cache_mb"] = round(state.cache.nbytes() / 1e6, 2)
+    result["rss_mb_end"] = round(rss_mb(), 1)
+    result["t_half_over_t1_step_cost"] = round(result["T=1/2"]["step_ms"] / result["T=1"]["step_ms"], 3)
+    return result
+
+
+def _one_prompt_arrays(model, prompt):
+    from calm_edge.runtime.generator import fill_to_chunks, left_pad
+
+    return left_pad([fill_to_chunks(prompt, model.chunk_size, model.eos_id)], model.chunk_size, model.pad_id)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--package", action="append", required=True, help="Model package (repeatable).")
+    parser.add_argument("--name", default="small", help="Results go to benchmarks/results/runtime_<name>.json.")
+    parser.add_argument("--text", default=str(DEFAULT_TEXT), help="JSONL whose first document gives the prompt.")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    results = [bench_package(p, args.text, args.prompt_tokens, args.new_tokens, args.threads, args.repeats)
+               for p in args.package]
+    report = {
+        "benchmark": "runtime",
+        "command": "python benchmarks/runtime.py " + " ".join(f"--package {p}" for p in args.package)
+                   + f" --name {args.name} --new-tokens {args.new_tokens} --threads {args.threads}",
+        "provider": "cpu",
+        "batch": 1,
+        "machine": {"cpu_cores": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version()},
+        "packages": results,
+    }
+    kinds = {r["kind"]: r for r in results}
+    if {"calm", "ar"} <= set(kinds):
+        report["calm_over_ar_decode_tokens_per_second"] = round(
+            kinds["calm"]["T=1"]["decode_tokens_per_second"] / kinds["ar"]["T=1"]["decode_tokens_per_second"], 3)
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"runtime_{args.name}.json")
+    write_json_atomic(out, report)
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
