@@ -82,17 +82,23 @@ def main():
     for r in results:
         print(f"{r['kind']}: BrierLM {r['mean_over_offsets']['brierlm']:.2f} (offset 0: {r['evaluation']['brierlm']:.2f}), "
               f"{r['parameters']:,} parameters, {r['training_flops']:.3g} training FLOPs")
+    command = "python benchmarks/quality.py" + (f" --calm {args.calm}" if args.calm else "") \
+        + (f" --ar {args.ar}" if args.ar else "") + f" --name {args.name} --max-positions {args.max_positions}"
+    for r in results:
+        r["command"] = command
+    out = REPO / "benchmarks" / "results" / f"quality_{args.name}.json"
+    # Models evaluated in separate runs share one file: a kind evaluated now replaces its old entry.
+    if out.is_file():
+        kept = [r for r in json.loads(out.read_text())["results"] if r["kind"] not in {n["kind"] for n in results}]
+        results = sorted(kept + results, key=lambda r: r["kind"] != "calm")
     report = {
         "benchmark": "quality",
-        "command": "python benchmarks/quality.py" + (f" --calm {args.calm}" if args.calm else "")
-                   + (f" --ar {args.ar}" if args.ar else "") + f" --name {args.name}",
         "data": Path(args.data).name,
         "estimator": "BrierLM = 100 x geometric mean of Brier-1..4, two model samples per position (paper, section 4); "
                      "positions every 32 tokens with 256 tokens of context, at offsets 0..3 within a chunk",
         "machine": {"cpu_cores": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "results": results,
     }
-    out = REPO / "benchmarks" / "results" / f"quality_{args.name}.json"
     write_json_atomic(out, report)
     print(f"-> {out}")
 
