@@ -7,7 +7,8 @@ For every package given (CALM and AR alike), on ONNX Runtime's CPU provider at b
   - per step, the time in each graph (backbone or ar, energy_head, decoder) and the rest, which
     is the loop's own overhead (sampling, random numbers, bookkeeping, Python): its share of the
     step is the figure to keep small;
-  - memory: resident set size after loading and at the end, and the preallocated KV cache.
+  - memory: resident set size after loading and at the end, the preallocated KV cache, and the
+    peak against a budget of package size + KV cache + 150 MB (each package in its own process).
 
 Everything is measured in one run, so the ratios (T = 1/2 against T = 1, CALM against AR) compare
 like with like on a noisy machine.
@@ -16,6 +17,7 @@ like with like on a noisy machine.
 """
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -37,7 +39,7 @@ def rss_mb():
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
     except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
 def prompt_ids(model, text_file, prompt_tokens):
@@ -98,6 +100,12 @@ def bench_package(path, text_file, prompt_tokens, new_tokens, threads, repeats):
     state.start(*_one_prompt_arrays(model, prompt))
     result["kv_cache_mb"] = round(state.cache.nbytes() / 1e6, 2)
     result["rss_mb_end"] = round(rss_mb(), 1)
+    # Peak resident memory of this process (a fresh one per package, see main) against the
+    # budget: the package's files, the KV cache, and 150 MB for Python, ONNX Runtime and buffers.
+    result["package_mb"] = round(sum(f.stat().st_size for f in Path(path).iterdir()) / 1e6, 1)
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6, 1)  # KiB -> MB
+    result["peak_rss_budget_mb"] = round(result["package_mb"] + result["kv_cache_mb"] + 150, 1)
+    result["peak_rss_within_budget"] = result["peak_rss_mb"] <= result["peak_rss_budget_mb"]
     result["t_half_over_t1_step_cost"] = round(result["T=1/2"]["step_ms"] / result["T=1"]["step_ms"], 3)
     return result
 
@@ -120,8 +128,10 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    results = [bench_package(p, args.text, args.prompt_tokens, args.new_tokens, args.threads, args.repeats)
-               for p in args.package]
+    # One fresh process per package, so each peak RSS is that package's alone.
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        results = [pool.apply(bench_package, (p, args.text, args.prompt_tokens, args.new_tokens, args.threads, args.repeats))
+                   for p in args.package]
     report = {
         "benchmark": "runtime",
         "command": "python benchmarks/runtime.py " + " ".join(f"--package {p}" for p in args.package)
