@@ -2,7 +2,7 @@
 //
 //   calm-edge-generate PKG "prompt" [--seed N] [--temperature T] [--max-new-tokens N] [--threads N]
 //                      [--method batch|exact] [--candidates N] [--stop TEXT]... [--no-stop-at-eos]
-//                      [--provider cpu|cuda] [--token-ids] [--timings FILE]
+//                      [--provider cpu|cuda] [--token-ids] [--timings FILE] [--repeat N]
 //
 // Exit status: 0 on success, 1 when the package, the prompt or a value is wrong (the message says
 // which and how to fix it), 2 for a malformed command line.
@@ -29,7 +29,9 @@ const char* kUsage =
     "  --provider P         cpu or cuda (default cpu)\n"
     "  --no-verify          skip the sha256 check of the package files\n"
     "  --token-ids          print the generated token ids instead of the text\n"
-    "  --timings FILE       write when each step's tokens were ready (JSON) to FILE\n";
+    "  --timings FILE       write when each step's tokens were ready (JSON) to FILE\n"
+    "  --repeat N           with --token-ids: generate N times over the one loaded model, for\n"
+    "                       timings without the first run's warm-up (default 1)\n";
 
 struct UsageError {
   std::string message;
@@ -41,6 +43,7 @@ struct Options {
   calm_edge::ModelOptions model;
   bool token_ids = false;
   std::string timings_file;
+  int repeat = 1;
 };
 
 long long parse_whole(const std::string& option, const std::string& text) {
@@ -102,6 +105,9 @@ Options parse_arguments(int argc, char** argv) {
       options.token_ids = true;
     } else if (argument == "--timings") {
       options.timings_file = value();
+    } else if (argument == "--repeat") {
+      options.repeat = static_cast<int>(parse_whole(argument, value()));
+      if (options.repeat < 1) throw UsageError{"--repeat must be at least 1"};
     } else if (argument.size() > 1 && argument[0] == '-' && argument[1] == '-') {
       throw UsageError{"unknown option " + argument};
     } else {
@@ -114,25 +120,31 @@ Options parse_arguments(int argc, char** argv) {
   return options;
 }
 
-void write_timings(const std::string& file, const calm_edge::StepTimes& times) {
+// {"runs": [[seconds at which each step's tokens were ready], ...]}, one list per generation.
+void write_timings(const std::string& file, const std::vector<calm_edge::StepTimes>& runs) {
   std::ofstream out(file);
   if (!out) throw calm_edge::Error("cannot write timings to " + file + "; check that its folder exists");
   out.precision(9);
-  out << "{\"seconds\": [";
-  for (size_t k = 0; k < times.seconds.size(); ++k) out << (k ? ", " : "") << times.seconds[k];
+  out << "{\"runs\": [";
+  for (size_t r = 0; r < runs.size(); ++r) {
+    out << (r ? ", [" : "[");
+    for (size_t k = 0; k < runs[r].seconds.size(); ++k) out << (k ? ", " : "") << runs[r].seconds[k];
+    out << "]";
+  }
   out << "]}\n";
 }
 
 int run(const Options& options) {
   const calm_edge::Model model(options.package, options.model);
   if (options.token_ids) {
-    calm_edge::StepTimes times;
     const auto prompt_ids = model.tokenizer().encode(options.prompt);
     if (prompt_ids.empty()) throw calm_edge::Error("prompt 0 is empty; give some text to continue");
-    const auto outputs = calm_edge::generate_tokens(model, {prompt_ids}, options.params, nullptr, &times);
+    std::vector<calm_edge::StepTimes> runs(options.repeat);
+    std::vector<calm_edge::TokenIds> outputs;
+    for (auto& times : runs) outputs = calm_edge::generate_tokens(model, {prompt_ids}, options.params, nullptr, &times);
     for (size_t k = 0; k < outputs[0].size(); ++k) std::cout << (k ? " " : "") << outputs[0][k];
     std::cout << "\n";
-    if (!options.timings_file.empty()) write_timings(options.timings_file, times);
+    if (!options.timings_file.empty()) write_timings(options.timings_file, runs);
     return 0;
   }
   calm_edge::generate(model, options.prompt, options.params,
