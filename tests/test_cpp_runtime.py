@@ -76,6 +76,19 @@ def test_cpp_exact_sampler_matches_python(cpp_build, packages):
     assert cpp_token_ids(packages["calm"], PROMPTS[1], 0.5, method="exact") == expected
 
 
+@pytest.mark.parametrize("kind", ["calm", "ar"])
+def test_a_cpp_batch_matches_a_python_batch(cpp_build, packages, kind):
+    """Prompts of different lengths in one left-padded batch, eos stopping rows at different steps."""
+    prompts = ["In the beginning", "And the LORD spake unto Moses, saying, Speak", "Behold"]
+    model = Model(packages[kind], threads=1)
+    params = GeneratorParams(max_new_tokens=40, temperature=0.5, seed=5)
+    expected = generate_tokens(model.new_state(), [model.tokenizer.encode(p) for p in prompts], params)
+    done = subprocess.run([str(cpp_build / "batch_token_ids"), str(packages[kind]), "5", "0.5", "batch", "40", "1",
+                           *prompts], capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert [[int(t) for t in line.split()] for line in done.stdout.split("\n")[:-1]] == expected
+
+
 def test_cpp_streams_the_text_of_the_python_runtime(cpp_build, packages):
     model = Model(packages["calm"], threads=1)
     params = GeneratorParams(max_new_tokens=48, seed=3, stop_sequences=(" and",))

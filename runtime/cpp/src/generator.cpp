@@ -154,6 +154,24 @@ std::vector<Chunk> sample_tokens(const std::vector<float>& logits, size_t vocab,
   return tokens;
 }
 
+// Appends a row's new chunk to its output, cut at max_new_tokens and (if asked) before eos, and
+// shows it to `on_step`. Returns whether the row is done: eos, the callback said stop, enough
+// tokens, or the context is full.
+bool accept_chunk(size_t row, const Chunk& chunk, int64_t position, const PackageManifest& m,
+                  const GeneratorParams& params, const StepCallback& on_step, TokenIds& output) {
+  bool done = false;
+  const size_t room = params.max_new_tokens - output.size();
+  TokenIds kept(chunk.begin(), chunk.begin() + std::min(room, chunk.size()));
+  const auto eos = std::find(kept.begin(), kept.end(), m.eos_id);
+  if (params.stop_at_eos && eos != kept.end()) {
+    kept.erase(eos, kept.end());
+    done = true;
+  }
+  output.insert(output.end(), kept.begin(), kept.end());
+  if (on_step && !kept.empty()) done = !on_step(row, kept) || done;
+  return done || output.size() >= static_cast<size_t>(params.max_new_tokens) || position + 1 >= m.max_context;
+}
+
 std::vector<TokenIds> run_loop(const Model::Impl& model, const std::vector<TokenIds>& prompts,
                                const GeneratorParams& params, const StepCallback& on_step, StepTimes* times) {
   const auto began = std::chrono::steady_clock::now();
@@ -187,20 +205,9 @@ std::vector<TokenIds> run_loop(const Model::Impl& model, const std::vector<Token
   while (true) {
     const std::vector<Chunk> chunks = m.kind == "calm" ? sample_chunks(model, sampler, last, rngs, done)
                                                        : sample_tokens(last, m.vocab_size, sampler.n(), rngs, done, m.pad_id);
-    for (size_t row = 0; row < batch_size; ++row) {
-      if (done[row]) continue;
-      const size_t room = params.max_new_tokens - outputs[row].size();
-      TokenIds kept(chunks[row].begin(), chunks[row].begin() + std::min(room, chunks[row].size()));
-      const auto eos = std::find(kept.begin(), kept.end(), m.eos_id);
-      if (params.stop_at_eos && eos != kept.end()) {
-        kept.erase(eos, kept.end());
-        done[row] = true;
-      }
-      outputs[row].insert(outputs[row].end(), kept.begin(), kept.end());
-      if (on_step && !kept.empty()) done[row] = !on_step(row, kept) || done[row];
-      if (outputs[row].size() >= static_cast<size_t>(params.max_new_tokens) || position[row] + 1 >= m.max_context)
-        done[row] = true;
-    }
+    for (size_t row = 0; row < batch_size; ++row)
+      if (!done[row])
+        done[row] = accept_chunk(row, chunks[row], position[row], m, params, on_step, outputs[row]);
     if (times)
       times->seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count());
     if (std::all_of(done.begin(), done.end(), [](bool d) { return d; })) return outputs;
