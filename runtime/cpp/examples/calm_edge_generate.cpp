@@ -115,6 +115,8 @@ Options parse_arguments(int argc, char** argv) {
     }
   }
   if (positional.size() != 2) throw UsageError{"expected a package folder and a prompt"};
+  if (!options.token_ids && (!options.timings_file.empty() || options.repeat != 1))
+    throw UsageError{"--timings and --repeat measure token generation; add --token-ids"};
   options.package = positional[0];
   options.prompt = positional[1];
   return options;

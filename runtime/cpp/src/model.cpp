@@ -32,6 +32,9 @@ Ort::SessionOptions session_options(const ModelOptions& options) {
     session_options.SetInterOpNumThreads(1);
   }
   if (options.provider == "cpu") return session_options;
+  if (options.provider == "tensorrt")
+    throw Error("provider 'tensorrt' is not in the C++ runtime yet (it offers: cpu, cuda); use cuda, or the "
+                "Python runtime for TensorRT");
   if (options.provider != "cuda")
     throw Error("unknown provider '" + options.provider + "'; the C++ runtime offers: cpu, cuda");
   const auto have = Ort::GetAvailableProviders();
