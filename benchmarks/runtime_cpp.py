@@ -6,8 +6,8 @@ the same number of threads, taking turns so that both see the same machine load.
 reports when each step's tokens were ready; a step's latency is the time between two of those
 (one backbone call, the energy head, the decoder and the sampler for CALM; one AR call and the
 sampler for AR). The first entry (prompt checks, prefill and the first step) is reported apart
-as time to first step. The first generation of each runtime is a warm-up and is not counted.
-Model loading is not timed. Writes benchmarks/results/runtime_cpp_<name>.json.
+as time to first step. Each turn loads the model afresh and generates `--repeats` times; the
+first of these is a warm-up and is not counted. Model loading is not timed. Writes benchmarks/results/runtime_cpp_<name>.json.
 
     runtime/cpp/build.sh                       # builds runtime/cpp/build/cmake/calm-edge-generate
     python benchmarks/runtime_cpp.py --package models/calm-small --name small
@@ -94,9 +94,11 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="Turns each runtime takes.")
-    parser.add_argument("--repeats", type=int, default=3, help="Generations per turn (the first of all is warm-up).")
+    parser.add_argument("--repeats", type=int, default=4, help="Generations per turn; the first is a warm-up.")
     parser.add_argument("--out", default=None, help="Result file (default benchmarks/results/runtime_cpp_<name>.json).")
     args = parser.parse_args()
+    if args.repeats < 2:
+        parser.error("--repeats must be at least 2: the first generation of each turn is a warm-up")
 
     import onnxruntime
 
@@ -113,9 +115,9 @@ def main():
     for round_number in range(args.rounds):
         print(f"round {round_number + 1}/{args.rounds}", flush=True)
         tokens["python"], runs = python_runs(args.package, args.prompt, settings, args.repeats, args.threads)
-        measured["python"].extend(runs if round_number else runs[1:])
+        measured["python"].extend(runs[1:])
         tokens["cpp"], runs = cpp_runs(program, args.package, args.prompt, settings, args.repeats, args.threads)
-        measured["cpp"].extend(runs if round_number else runs[1:])
+        measured["cpp"].extend(runs[1:])
 
     K = manifest["model"]["chunk_size"]
     python, cpp = summarize(measured["python"], K), summarize(measured["cpp"], K)
@@ -128,7 +130,7 @@ def main():
         "quantization": manifest.get("quantization", {}).get("mode"),
         "provenance": {k: manifest.get("provenance", {}).get(k) for k in ("checkpoint", "step", "parameters")},
         "settings": {**settings, "prompt": args.prompt, "threads": args.threads, "rounds": args.rounds,
-                     "repeats": args.repeats, "stop_at_eos": False, "warmup_runs_per_runtime": 1},
+                     "repeats": args.repeats, "stop_at_eos": False, "warmup_runs_per_turn": 1},
         "python": python,
         "cpp": cpp,
         "cpp_speedup_per_step": round(python["step_ms"]["median"] / cpp["step_ms"]["median"], 3),
