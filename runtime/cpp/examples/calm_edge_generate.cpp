@@ -1,0 +1,170 @@
+// calm-edge-generate: generate text from a model package and stream it to stdout.
+//
+//   calm-edge-generate PKG "prompt" [--seed N] [--temperature T] [--max-new-tokens N] [--threads N]
+//                      [--method batch|exact] [--candidates N] [--stop TEXT]... [--no-stop-at-eos]
+//                      [--provider cpu|cuda] [--token-ids] [--timings FILE] [--repeat N]
+//
+// Exit status: 0 on success, 1 when the package, the prompt or a value is wrong (the message says
+// which and how to fix it), 2 for a malformed command line.
+#include <calm_edge.hpp>
+
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+namespace {
+
+const char* kUsage =
+    "usage: calm-edge-generate PKG PROMPT [options]\n"
+    "  --seed N             random seed (default 0)\n"
+    "  --temperature T      1/n for a whole number n, as 0.5 or 1/2 (default 1)\n"
+    "  --max-new-tokens N   tokens to generate at most (default 64)\n"
+    "  --threads N          ONNX Runtime intra-op threads (default: its choice)\n"
+    "  --method M           CALM temperature sampling: batch or exact (default batch)\n"
+    "  --candidates N       chunks drawn per step by the batch approximation (default 16)\n"
+    "  --stop TEXT          stop before TEXT (may be given several times)\n"
+    "  --no-stop-at-eos     keep generating after the end-of-text token\n"
+    "  --provider P         cpu or cuda (default cpu)\n"
+    "  --no-verify          skip the sha256 check of the package files\n"
+    "  --token-ids          print the generated token ids instead of the text\n"
+    "  --timings FILE       write when each step's tokens were ready (JSON) to FILE\n"
+    "  --repeat N           with --token-ids: generate N times over the one loaded model, for\n"
+    "                       timings without the first run's warm-up (default 1)\n";
+
+struct UsageError {
+  std::string message;
+};
+
+struct Options {
+  std::string package, prompt;
+  calm_edge::GeneratorParams params;
+  calm_edge::ModelOptions model;
+  bool token_ids = false;
+  std::string timings_file;
+  int repeat = 1;
+};
+
+long long parse_whole(const std::string& option, const std::string& text) {
+  char* end = nullptr;
+  const long long value = std::strtoll(text.c_str(), &end, 10);
+  if (text.empty() || *end != '\0') throw UsageError{option + " needs a whole number, got '" + text + "'"};
+  return value;
+}
+
+// "0.5" or "1/2".
+double parse_temperature(const std::string& text) {
+  const size_t slash = text.find('/');
+  char* end = nullptr;
+  if (slash == std::string::npos) {
+    const double value = std::strtod(text.c_str(), &end);
+    if (text.empty() || *end != '\0') throw UsageError{"--temperature needs a number such as 0.5 or 1/2, got '" + text + "'"};
+    return value;
+  }
+  const double numerator = std::strtod(text.substr(0, slash).c_str(), &end);
+  const double denominator = std::strtod(text.substr(slash + 1).c_str(), &end);
+  if (*end != '\0' || denominator == 0) throw UsageError{"--temperature needs a number such as 0.5 or 1/2, got '" + text + "'"};
+  return numerator / denominator;
+}
+
+Options parse_arguments(int argc, char** argv) {
+  Options options;
+  std::vector<std::string> positional;
+  for (int k = 1; k < argc; ++k) {
+    const std::string argument = argv[k];
+    auto value = [&]() -> std::string {
+      if (k + 1 >= argc) throw UsageError{argument + " needs a value"};
+      return argv[++k];
+    };
+    if (argument == "-h" || argument == "--help") {
+      std::cout << kUsage;
+      std::exit(0);
+    } else if (argument == "--seed") {
+      options.params.seed = static_cast<uint64_t>(parse_whole(argument, value()));
+    } else if (argument == "--temperature") {
+      options.params.temperature = parse_temperature(value());
+    } else if (argument == "--max-new-tokens") {
+      options.params.max_new_tokens = static_cast<int>(parse_whole(argument, value()));
+    } else if (argument == "--threads") {
+      options.model.threads = static_cast<int>(parse_whole(argument, value()));
+      if (options.model.threads < 1) throw UsageError{"--threads must be at least 1"};
+    } else if (argument == "--method") {
+      options.params.method = value();
+    } else if (argument == "--candidates") {
+      options.params.candidates = static_cast<int>(parse_whole(argument, value()));
+    } else if (argument == "--stop") {
+      options.params.stop_sequences.push_back(value());
+    } else if (argument == "--no-stop-at-eos") {
+      options.params.stop_at_eos = false;
+    } else if (argument == "--provider") {
+      options.model.provider = value();
+    } else if (argument == "--no-verify") {
+      options.model.verify = false;
+    } else if (argument == "--token-ids") {
+      options.token_ids = true;
+    } else if (argument == "--timings") {
+      options.timings_file = value();
+    } else if (argument == "--repeat") {
+      options.repeat = static_cast<int>(parse_whole(argument, value()));
+      if (options.repeat < 1) throw UsageError{"--repeat must be at least 1"};
+    } else if (argument.size() > 1 && argument[0] == '-' && argument[1] == '-') {
+      throw UsageError{"unknown option " + argument};
+    } else {
+      positional.push_back(argument);
+    }
+  }
+  if (positional.size() != 2) throw UsageError{"expected a package folder and a prompt"};
+  if (!options.token_ids && (!options.timings_file.empty() || options.repeat != 1))
+    throw UsageError{"--timings and --repeat measure token generation; add --token-ids"};
+  options.package = positional[0];
+  options.prompt = positional[1];
+  return options;
+}
+
+// {"runs": [[seconds at which each step's tokens were ready], ...]}, one list per generation.
+void write_timings(const std::string& file, const std::vector<calm_edge::StepTimes>& runs) {
+  std::ofstream out(file);
+  if (!out) throw calm_edge::Error("cannot write timings to " + file + "; check that its folder exists");
+  out.precision(9);
+  out << "{\"runs\": [";
+  for (size_t r = 0; r < runs.size(); ++r) {
+    out << (r ? ", [" : "[");
+    for (size_t k = 0; k < runs[r].seconds.size(); ++k) out << (k ? ", " : "") << runs[r].seconds[k];
+    out << "]";
+  }
+  out << "]}\n";
+}
+
+int run(const Options& options) {
+  const calm_edge::Model model(options.package, options.model);
+  if (options.token_ids) {
+    const auto prompt_ids = model.tokenizer().encode(options.prompt);
+    if (prompt_ids.empty()) throw calm_edge::Error("prompt 0 is empty; give some text to continue");
+    std::vector<calm_edge::StepTimes> runs(options.repeat);
+    std::vector<calm_edge::TokenIds> outputs;
+    for (auto& times : runs) outputs = calm_edge::generate_tokens(model, {prompt_ids}, options.params, nullptr, &times);
+    for (size_t k = 0; k < outputs[0].size(); ++k) std::cout << (k ? " " : "") << outputs[0][k];
+    std::cout << "\n";
+    if (!options.timings_file.empty()) write_timings(options.timings_file, runs);
+    return 0;
+  }
+  calm_edge::generate(model, options.prompt, options.params,
+                      [](const std::string& piece) { std::cout << piece << std::flush; });
+  std::cout << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(parse_arguments(argc, argv));
+  } catch (const UsageError& e) {
+    std::cerr << "calm-edge-generate: " << e.message << "\n" << kUsage;
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "calm-edge-generate: error: " << e.what() << "\n";
+    return 1;
+  }
+}

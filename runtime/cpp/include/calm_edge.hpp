@@ -1,0 +1,144 @@
+// calm-edge C++ runtime: load a model package, generate text, stream it.
+//
+//     #include <calm_edge.hpp>
+//
+//     calm_edge::Model model("models/calm-small");
+//     calm_edge::GeneratorParams params;
+//     params.max_new_tokens = 64;
+//     calm_edge::generate(model, "The history of", params,
+//                         [](const std::string& piece) { std::cout << piece << std::flush; });
+//
+// The same behaviour as the Python runtime (calm_edge.runtime): the same package checks, the same
+// generation loop and the same counter-based random generator, so for one package, prompt, seed
+// and temperature both print the same tokens. Every failure a user can cause throws
+// calm_edge::Error with a message that names the file or value and the fix.
+//
+// This header needs nothing but the C++17 standard library; ONNX Runtime, SentencePiece and the
+// JSON reader stay inside the library.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace calm_edge {
+
+using TokenIds = std::vector<int64_t>;
+
+// Every error a user can cause: a missing or corrupt file, a manifest mismatch, a prompt longer than
+// the context, a temperature the samplers cannot honour, an unknown provider.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// The counter-based generator of ../shared/DESIGN.md: value i of (seed, stream) is computed directly,
+// so the only state of a stream is how many values it has drawn.
+class RandomStream {
+ public:
+  explicit RandomStream(uint64_t seed, uint64_t stream = 0, uint64_t counter = 0);
+
+  static uint64_t u64(uint64_t seed, uint64_t stream, uint64_t i);
+  static float uniform(uint64_t seed, uint64_t stream, uint64_t i);  // top 24 bits * 2^-24, in [0, 1)
+
+  std::vector<float> draw(size_t count);  // the next `count` uniforms
+  float draw_one();
+  uint64_t counter() const { return counter_; }
+
+ private:
+  uint64_t seed_, stream_, counter_;
+};
+
+// SentencePiece, with calm-edge's handling of a literal U+2581 (see calm_edge/tokenizer.py).
+class Tokenizer {
+ public:
+  explicit Tokenizer(const std::string& path);  // a tokenizer.model file or a folder holding one
+  ~Tokenizer();
+  Tokenizer(Tokenizer&&) noexcept;
+  Tokenizer& operator=(Tokenizer&&) noexcept;
+
+  TokenIds encode(const std::string& text) const;  // no bos or eos added
+  std::string decode(const TokenIds& ids) const;
+  int vocab_size() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+struct ModelOptions {
+  std::string provider = "cpu";  // "cpu" or "cuda" (the latter needs an ONNX Runtime built with CUDA)
+  int threads = 0;               // intra-op threads; 0 lets ONNX Runtime choose
+  bool verify = true;            // check the sha256 of every file of the package
+};
+
+// A model package (CALM or AR) opened on ONNX Runtime. Holds no per-generation state, so one Model
+// can serve several threads at once.
+class Model {
+ public:
+  explicit Model(const std::string& package_dir, const ModelOptions& options = {});
+  ~Model();
+  Model(Model&&) noexcept;
+  Model& operator=(Model&&) noexcept;
+
+  const std::string& kind() const;  // "calm" or "ar"
+  int chunk_size() const;           // K tokens per step (1 for AR)
+  int max_context() const;          // positions: vectors of K tokens for CALM, tokens for AR
+  int64_t eos_id() const;
+  const Tokenizer& tokenizer() const;
+
+  struct Impl;  // defined inside the library
+  const Impl& impl() const { return *impl_; }
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// What to generate; the same fields and defaults as the Python GeneratorParams.
+struct GeneratorParams {
+  int max_new_tokens = 64;
+  double temperature = 1.0;        // 1/n for a whole number n: 1, 0.5, 0.333..., 0.25, ...
+  std::string method = "batch";    // CALM temperature sampling: "batch" (approximation) or "exact"
+  int candidates = 16;             // chunks drawn per step by the batch approximation (T < 1)
+  uint64_t seed = 0;
+  std::vector<std::string> stop_sequences;  // generation stops before the first one
+  bool stop_at_eos = true;
+  std::vector<uint64_t> streams;   // random stream per prompt; empty means 0, 1, 2, ...
+};
+
+struct GenerationResult {
+  std::string prompt;
+  std::string text;  // the continuation, without the prompt
+  TokenIds token_ids;
+  std::string stopped_by;  // "eos", "stop_sequence", "max_new_tokens" or "context"
+};
+
+// Called with each piece of text as it becomes printable (K tokens at a time for CALM).
+using TextCallback = std::function<void(const std::string& piece)>;
+// Called with each row's newly accepted tokens; returning false stops that row.
+using StepCallback = std::function<bool(size_t row, const TokenIds& new_ids)>;
+
+// When each step's tokens were ready, in seconds since generation began (prompt checks, prefill and
+// the first step's sampling are all in the first entry): for per-step latency measurements.
+struct StepTimes {
+  std::vector<double> seconds;
+};
+
+// One prompt, streamed through `on_text` if given.
+GenerationResult generate(const Model& model, const std::string& prompt, const GeneratorParams& params = {},
+                          const TextCallback& on_text = nullptr);
+
+// Several prompts as one left-padded batch.
+std::vector<GenerationResult> generate(const Model& model, const std::vector<std::string>& prompts,
+                                       const GeneratorParams& params = {});
+
+// The token-level loop under both: new token ids for each prompt of token ids.
+std::vector<TokenIds> generate_tokens(const Model& model, const std::vector<TokenIds>& prompts,
+                                      const GeneratorParams& params, const StepCallback& on_step = nullptr,
+                                      StepTimes* times = nullptr);
+
+}  // namespace calm_edge

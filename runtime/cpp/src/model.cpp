@@ -1,0 +1,117 @@
+// calm_edge::Model: checks the package (manifest, format version, sha256 of every file), loads the
+// tokenizer, and opens one ONNX Runtime session per graph on the chosen execution provider.
+#include <algorithm>
+
+#include "model_impl.hpp"
+
+namespace calm_edge {
+namespace {
+
+// One ONNX Runtime environment per process, shared by every Model (its creation is not cheap and
+// ONNX Runtime expects a single one).
+Ort::Env& ort_environment() {
+  static Ort::Env environment(ORT_LOGGING_LEVEL_WARNING, "calm-edge");
+  return environment;
+}
+
+std::string available_providers() {
+  std::string names;
+  for (const std::string& name : Ort::GetAvailableProviders()) {
+    if (name == "CPUExecutionProvider") names += std::string(names.empty() ? "" : ", ") + "cpu";
+    if (name == "CUDAExecutionProvider") names += std::string(names.empty() ? "" : ", ") + "cuda";
+  }
+  return names;
+}
+
+Ort::SessionOptions session_options(const ModelOptions& options) {
+  if (options.threads < 0)
+    throw Error("threads=" + std::to_string(options.threads) + " must be at least 1 (or 0 for ONNX Runtime's choice)");
+  Ort::SessionOptions session_options;
+  if (options.threads > 0) {
+    session_options.SetIntraOpNumThreads(options.threads);
+    session_options.SetInterOpNumThreads(1);
+  }
+  if (options.provider == "cpu") return session_options;
+  if (options.provider == "tensorrt")
+    throw Error("provider 'tensorrt' is not in the C++ runtime yet (it offers: cpu, cuda); use cuda, or the "
+                "Python runtime for TensorRT");
+  if (options.provider != "cuda")
+    throw Error("unknown provider '" + options.provider + "'; the C++ runtime offers: cpu, cuda");
+  const auto have = Ort::GetAvailableProviders();
+  if (std::find(have.begin(), have.end(), "CUDAExecutionProvider") == have.end())
+    throw Error("provider 'cuda' is not available in this ONNX Runtime build (available: " + available_providers() +
+                "); link the library against a GPU build of ONNX Runtime (see README.md, C++ runtime)");
+  OrtCUDAProviderOptionsV2* cuda = nullptr;
+  Ort::ThrowOnError(Ort::GetApi().CreateCUDAProviderOptions(&cuda));
+  session_options.AppendExecutionProvider_CUDA_V2(*cuda);
+  Ort::GetApi().ReleaseCUDAProviderOptions(cuda);
+  return session_options;
+}
+
+std::vector<std::string> cache_names(int layers, const std::string& prefix) {
+  std::vector<std::string> names;
+  for (int layer = 0; layer < layers; ++layer)
+    for (const char* part : {"key", "value"}) names.push_back(prefix + "." + std::to_string(layer) + "." + part);
+  return names;
+}
+
+}  // namespace
+
+Model::Impl::Impl(const std::string& package_dir, const ModelOptions& options)
+    : path(package_dir),
+      manifest(read_manifest(package_dir, options.verify)),
+      tokenizer(package_dir + "/" + manifest.tokenizer_file),
+      cpu_memory(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
+  const Ort::SessionOptions settings = session_options(options);
+  for (const auto& [name, file] : manifest.graph_files) {
+    const std::string graph_path = package_dir + "/" + file;
+    try {
+      sessions.emplace(name, Ort::Session(ort_environment(), graph_path.c_str(), settings));
+    } catch (const Ort::Exception& e) {
+      throw Error(graph_path + " cannot be loaded by ONNX Runtime (" + e.what() + "); re-export the package");
+    }
+  }
+  step_graph = &sessions.at(manifest.kind == "ar" ? "ar" : "backbone");
+  past_names = cache_names(manifest.num_layers, "past_key_values");
+  present_names = cache_names(manifest.num_layers, "present");
+  first_output = manifest.kind == "ar" ? "logits" : "hidden";
+}
+
+std::vector<float> Model::Impl::sample_latents(const std::vector<float>& hidden, size_t rows,
+                                               const std::vector<float>& noise, size_t samples) const {
+  const int64_t hidden_shape[] = {static_cast<int64_t>(rows), manifest.hidden_size};
+  const int64_t noise_shape[] = {static_cast<int64_t>(rows), static_cast<int64_t>(samples), manifest.noise_size};
+  Ort::Value inputs[] = {
+      Ort::Value::CreateTensor<float>(cpu_memory, const_cast<float*>(hidden.data()), hidden.size(), hidden_shape, 2),
+      Ort::Value::CreateTensor<float>(cpu_memory, const_cast<float*>(noise.data()), noise.size(), noise_shape, 3)};
+  const char* input_names[] = {"hidden", "noise"};
+  const char* output_names[] = {"latents"};
+  auto outputs = sessions.at("energy_head").Run(Ort::RunOptions{nullptr}, input_names, inputs, 2, output_names, 1);
+  const float* latents = outputs[0].GetTensorData<float>();
+  return std::vector<float>(latents, latents + rows * samples * manifest.latent_size);
+}
+
+TokenIds Model::Impl::decode(const std::vector<float>& latents, size_t rows) const {
+  const int64_t shape[] = {static_cast<int64_t>(rows), manifest.latent_size};
+  Ort::Value input =
+      Ort::Value::CreateTensor<float>(cpu_memory, const_cast<float*>(latents.data()), latents.size(), shape, 2);
+  const char* input_names[] = {"latents"};
+  const char* output_names[] = {"token_ids"};
+  auto outputs = sessions.at("decoder").Run(Ort::RunOptions{nullptr}, input_names, &input, 1, output_names, 1);
+  const int64_t* ids = outputs[0].GetTensorData<int64_t>();
+  return TokenIds(ids, ids + rows * manifest.chunk_size);
+}
+
+Model::Model(const std::string& package_dir, const ModelOptions& options)
+    : impl_(std::make_unique<Impl>(package_dir, options)) {}
+Model::~Model() = default;
+Model::Model(Model&&) noexcept = default;
+Model& Model::operator=(Model&&) noexcept = default;
+
+const std::string& Model::kind() const { return impl_->manifest.kind; }
+int Model::chunk_size() const { return impl_->manifest.chunk_size; }
+int Model::max_context() const { return impl_->manifest.max_context; }
+int64_t Model::eos_id() const { return impl_->manifest.eos_id; }
+const Tokenizer& Model::tokenizer() const { return impl_->tokenizer; }
+
+}  // namespace calm_edge

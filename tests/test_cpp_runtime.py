@@ -1,0 +1,168 @@
+"""The C++ runtime (runtime/cpp/) against the Python runtime: the same random values, the same
+tokens for the same package, prompt, seed and temperature, and a message and non-zero exit for
+every error a user can cause.
+
+The library and calm-edge-generate are built with runtime/cpp/build.sh (CI runs it first, so here
+it only checks that the build is up to date). The tests skip only when a build prerequisite is
+missing and cannot be installed (no C++ compiler or cmake, and not root).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from calm_edge.runtime.generator import GeneratorParams, generate_tokens
+from calm_edge.runtime.model import Model
+from calm_edge.runtime.text_generation import generate, stream
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD_SCRIPT = REPO / "runtime" / "cpp" / "build.sh"
+BUILD_DIR = REPO / "runtime" / "cpp" / "build"
+PROGRAM = BUILD_DIR / "cmake" / "calm-edge-generate"
+PROMPTS = ("In the beginning", "And he said unto them,", "The")
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="session")
+def cpp_build():
+    """The build folder's cmake tree, built (or brought up to date) by runtime/cpp/build.sh."""
+    can_install = os.geteuid() == 0 and shutil.which("apt-get")
+    missing = [tool for tool in ("cmake", "g++") if shutil.which(tool) is None]
+    if missing and not can_install:
+        pytest.skip(f"building the C++ runtime needs {' and '.join(missing)}, which are not installed")
+    done = subprocess.run(["bash", str(BUILD_SCRIPT), str(BUILD_DIR)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable})
+    if done.returncode != 0:
+        pytest.fail(f"runtime/cpp/build.sh failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return BUILD_DIR / "cmake"
+
+
+def run_program(*args):
+    return subprocess.run([str(PROGRAM), *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def cpp_token_ids(package, prompt, temperature, method="batch"):
+    done = run_program(package, prompt, "--token-ids", "--no-stop-at-eos", "--max-new-tokens", 64, "--seed", 11,
+                       "--temperature", temperature, "--method", method, "--threads", 1)
+    assert done.returncode == 0, done.stderr
+    return [int(t) for t in done.stdout.split()]
+
+
+def test_golden_random_vector(cpp_build):
+    done = subprocess.run([str(cpp_build / "rng_golden_test"), str(REPO / "tests" / "golden_rng.json")],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    cases = json.loads((REPO / "tests" / "golden_rng.json").read_text())["cases"]
+    count = sum(len(case["u64"]) + len(case["uniform"]) for case in cases)
+    assert f"{count} of {count} golden values match" in done.stdout
+
+
+@pytest.mark.parametrize("kind", ["calm", "ar"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_cpp_prints_the_tokens_of_the_python_runtime(cpp_build, packages, kind, temperature):
+    model = Model(packages[kind], threads=1)
+    params = GeneratorParams(max_new_tokens=64, temperature=temperature, seed=11, stop_at_eos=False)
+    for prompt in PROMPTS:
+        expected = generate_tokens(model.new_state(), [model.tokenizer.encode(prompt)], params)[0]
+        assert len(expected) == 64
+        assert cpp_token_ids(packages[kind], prompt, temperature) == expected, prompt
+
+
+def test_cpp_exact_sampler_matches_python(cpp_build, packages):
+    model = Model(packages["calm"], threads=1)
+    params = GeneratorParams(max_new_tokens=64, temperature=0.5, method="exact", seed=11, stop_at_eos=False)
+    expected = generate_tokens(model.new_state(), [model.tokenizer.encode(PROMPTS[1])], params)[0]
+    assert cpp_token_ids(packages["calm"], PROMPTS[1], 0.5, method="exact") == expected
+
+
+@pytest.mark.parametrize("kind", ["calm", "ar"])
+def test_a_cpp_batch_matches_a_python_batch(cpp_build, packages, kind):
+    """Prompts of different lengths in one left-padded batch, eos stopping rows at different steps."""
+    prompts = ["In the beginning", "And the LORD spake unto Moses, saying, Speak", "Behold"]
+    model = Model(packages[kind], threads=1)
+    params = GeneratorParams(max_new_tokens=40, temperature=0.5, seed=5)
+    expected = generate_tokens(model.new_state(), [model.tokenizer.encode(p) for p in prompts], params)
+    done = subprocess.run([str(cpp_build / "batch_token_ids"), str(packages[kind]), "5", "0.5", "batch", "40", "1",
+                           *prompts], capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert [[int(t) for t in line.split()] for line in done.stdout.split("\n")[:-1]] == expected
+
+
+def test_cpp_streams_the_text_of_the_python_runtime(cpp_build, packages):
+    model = Model(packages["calm"], threads=1)
+    params = GeneratorParams(max_new_tokens=48, seed=3, stop_sequences=(" and",))
+    expected = "".join(stream(model, PROMPTS[0], params))
+    done = run_program(packages["calm"], PROMPTS[0], "--max-new-tokens", 48, "--seed", 3, "--stop", " and",
+                       "--threads", 1)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected + "\n"
+
+
+def test_the_readme_example_runs(cpp_build, packages):
+    model = Model(packages["calm"])
+    expected = generate(model, PROMPTS[0], GeneratorParams(max_new_tokens=64, temperature=0.5, seed=1)).text
+    done = subprocess.run([str(cpp_build / "calm-edge-minimal"), str(packages["calm"]), PROMPTS[0]],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected + "\n"
+
+
+@pytest.fixture
+def package_copy(packages, tmp_path):
+    copy = tmp_path / "calm"
+    shutil.copytree(packages["calm"], copy)
+    return copy
+
+
+def assert_fails_with(done, *fragments):
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    assert done.stderr.startswith("calm-edge-generate: error: ")
+    for fragment in fragments:
+        assert fragment in done.stderr, done.stderr
+
+
+def test_a_corrupt_graph_is_named(cpp_build, package_copy):
+    graph = package_copy / "decoder.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    assert_fails_with(run_program(package_copy, "Hello"), str(graph), "does not match the sha256",
+                      "copy the package again or re-export it")
+
+
+def test_a_missing_tokenizer_is_named(cpp_build, package_copy):
+    (package_copy / "tokenizer.model").unlink()
+    assert_fails_with(run_program(package_copy, "Hello"), "tokenizer.model (tokenizer) is missing",
+                      "copy the whole package folder again")
+
+
+def test_a_corrupt_manifest_is_named(cpp_build, package_copy):
+    (package_copy / "manifest.json").write_text("{not json")
+    assert_fails_with(run_program(package_copy, "Hello"), "manifest.json is corrupt", "export the package again")
+
+
+def test_a_too_long_prompt_is_refused(cpp_build, packages):
+    context = Model(packages["calm"]).max_context
+    assert_fails_with(run_program(packages["calm"], "And the LORD spake " * (4 * context)),
+                      f"the model's context holds {context}", "shorten the prompt")
+
+
+def test_an_unsupported_temperature_is_refused(cpp_build, packages):
+    assert_fails_with(run_program(packages["calm"], "Hello", "--temperature", 0.3), "temperature 0.3",
+                      "not 1/n for a whole number n")
+
+
+def test_a_malformed_command_line_exits_2(cpp_build):
+    done = run_program("only-a-package")
+    assert done.returncode == 2 and "usage: calm-edge-generate" in done.stderr
+
+
+def test_the_readme_shows_the_example_that_the_build_compiles():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## C++ runtime\n", 1)[1].split("\n## ", 1)[0]
+    shown = section.split("```cpp\n", 1)[1].split("```", 1)[0]
+    assert shown == (REPO / "runtime" / "cpp" / "examples" / "minimal.cpp").read_text(encoding="utf-8")
