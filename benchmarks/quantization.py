@@ -12,7 +12,7 @@ Runs through the CLI, exactly as a user would, into runs/quant_<name>/ (git-igno
 For the `small` models, once they are trained and exported:
 
     python benchmarks/quantization.py --name small --calm packages/calm-small --ar packages/ar-small \
-        --autoencoder runs/ae_small --calibration-data ../shared/data/wiki-valid.jsonl.xz \
+        --autoencoder runs/ae_small --calibration-data ../shared/data/wiki-valid.jsonl \
         --data ../shared/data/wikitext103-test-doc.jsonl --detokenize wikitext
 
 Quantized packages already in runs/quant_<name>/ are reused unless --requantize. The result

@@ -63,10 +63,11 @@ def context_limit(max_context, chunk_size, kind):
     return max_context * (chunk_size if kind == "calm" else 1) - CONTINUATION - chunk_size
 
 
-def evaluate_brierlm(model, pairs, seed=0, batch_size=32, progress=True):
+def evaluate_brierlm(model, pairs, seed=0, batch_size=32, progress=True, samples=None):
     """Brier-1..4 and BrierLM over `pairs` from `eval_positions`.
 
-    `model`: a CalmModel / ARModel (PyTorch) or a runtime `Model` (ONNX graphs).
+    `model`: a CalmModel / ARModel (PyTorch) or a runtime `Model` (ONNX graphs). `samples`, a
+    list, receives each position's two sampled continuations (to compare two models' draws).
     """
     accumulator = BrierAccumulator()
     started = time.perf_counter()
@@ -81,6 +82,8 @@ def evaluate_brierlm(model, pairs, seed=0, batch_size=32, progress=True):
         continuations = generate_tokens(_new_backend(model), [list(p) for p in prompts], settings)
         for i, (_, target) in enumerate(batch):
             accumulator.add_samples(continuations[2 * i], continuations[2 * i + 1], target)
+            if samples is not None:
+                samples.append((continuations[2 * i], continuations[2 * i + 1]))
         bar.update(len(batch))
     bar.close()
     report = accumulator.report()

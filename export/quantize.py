@@ -1,7 +1,7 @@
 """`calm-edge quantize`: an fp32 model package in, a quantized package of the same format out.
 
     quantize_package("packages/calm-small", "packages/calm-small-int8", "int8-static",
-                     calibration_data=["../shared/data/wiki-valid.jsonl.xz"])
+                     calibration_data=["../shared/data/wiki-valid.jsonl"])
 
 Steps, all in a temporary folder that replaces `out` only once everything passed (the rules of
 `calm_edge.fileio.atomic_output_dir`: an existing `out` needs `force`, and a failure leaves it
@@ -97,7 +97,8 @@ def quantize_package(source, out, mode, keep_fp32=(), calibration_data=(), calib
         raise CalmEdgeError(f"--mode {mode} calibrates on real text; pass --calibration-data FILE (e.g. a validation split)")
 
     if calibration_data:
-        tokens, described = load_eval_tokens(calibration_data, fp32.tokenizer, text_field=text_field)
+        needed = (VALIDATION_WINDOWS + calibration_windows) * WINDOW_TOKENS  # no need to read a whole corpus
+        tokens, described = load_eval_tokens(calibration_data, fp32.tokenizer, text_field=text_field, max_tokens=needed)
         tokens = tokens.tolist()
     else:
         tokens, described = fp32.tokenizer.encode(VALIDATION_TEXT) + [fp32.tokenizer.eos_id], "built-in sentences"

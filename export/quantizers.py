@@ -87,11 +87,27 @@ def _int8_static(source, target, feeds):
     settings = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "op_types": ["MatMul", "Gemm"],
                 "weight_type": "int8", "activation_type": "uint8", "per_channel": True, "calibration": "minmax",
                 "calibration_feeds": len(feeds), "weights_only_matmuls": True}
+    # The QDQ quantizer does not honour MatMulConstBOnly, so the activation products are named
+    # explicitly to keep them float.
     quantize_static(source, target, FeedReader(feeds), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=settings["op_types"], per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, extra_options={"MatMulConstBOnly": True})
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=_activation_matmuls(source),
+                    extra_options={"MatMulConstBOnly": True})
     return settings
+
+
+def _activation_matmuls(path):
+    """Names of the MatMul nodes whose second operand is not a weight (an initializer)."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    nodes = [node for node in graph.node if node.op_type == "MatMul" and node.input[1] not in weights]
+    unnamed = [node for node in nodes if not node.name]
+    if unnamed:
+        raise CalmEdgeError(f"{path} has unnamed MatMul nodes, which int8-static cannot exclude; re-export the package")
+    return [node.name for node in nodes]
 
 
 def _fp16(source, target, _feeds):

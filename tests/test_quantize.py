@@ -8,13 +8,15 @@ from click.testing import CliRunner
 
 from calm_edge.cli import main
 from calm_edge.errors import CalmEdgeError
-from calm_edge.evaluate import evaluate_checkpoint, evaluate_package
+from calm_edge.evaldata import load_eval_tokens
+from calm_edge.evaluate import eval_positions, evaluate_brierlm, evaluate_checkpoint, evaluate_package
 from calm_edge.export.quantize import quantize_package
 from calm_edge.export.quantizers import MODES
 from calm_edge.runtime import package
 from calm_edge.runtime.generator import GeneratorParams
 from calm_edge.runtime.model import Model
 from calm_edge.runtime.text_generation import generate
+from calm_edge.training.language_models import load_language_model
 
 # Few positions keep the tests fast; the estimator's error at this size is stated where used.
 POSITIONS = dict(context=32, stride=16, max_positions=64)
@@ -57,7 +59,8 @@ def test_every_mode_gives_a_package_that_loads_and_generates(quantized, packages
 
 def test_weight_modes_shrink_the_graphs(quantized, packages):
     fp32 = package.read_manifest(packages["calm"])["graphs"]["backbone"]["bytes"]
-    for mode, at_most in (("int8-dynamic", 0.6), ("int4", 0.6), ("fp16", 0.6)):
+    # The tiny backbone's float32 token embedding (a Gather, not quantized) is a large part of it.
+    for mode, at_most in (("int8-dynamic", 0.65), ("int4", 0.5), ("fp16", 0.65)):
         assert package.read_manifest(quantized["calm", mode])["graphs"]["backbone"]["bytes"] < at_most * fp32, mode
 
 
@@ -109,17 +112,34 @@ def test_bad_requests_give_clear_errors_and_keep_the_old_package(packages, quant
 
 @pytest.mark.parametrize("kind", ["calm", "ar"])
 def test_brierlm_through_the_package_agrees_with_pytorch(packages, trained_runs, corpus_jsonl, kind):
-    """Same positions, same seed and random streams, and graphs that generate the very tokens of the
-    PyTorch modules (export validation): the two estimates should be identical but for a rare float
-    rounding that flips a sample. The allowed gap is one standard error of each Brier-n mean, the
-    estimator's sampling error at these 64 positions (about 0.05..0.1)."""
-    runtime = evaluate_package(Model(packages[kind]), [corpus_jsonl], progress=False, **POSITIONS)
+    """Same positions, seed and random streams, and graphs that compute what the PyTorch modules
+    do: the two estimates draw (nearly) the same samples, and differ only where float rounding
+    flips a draw. Sampling error of the estimator: each position's estimate lies in [-1, 1], so a
+    Brier-n mean over 64 positions has a standard error of at most 1/sqrt(64) = 0.125. (The
+    measured standard error of these tiny models, whose estimates are mostly 0, is far smaller and
+    finer than one flipped sample, 2/64, so it is not the yardstick.) We require the difference
+    to lie within that error, at least 95% of the sampled continuations to be identical, and each
+    Brier-n to differ by no more than the non-identical positions can explain (2/64 each)."""
+    runtime_model = Model(packages[kind])
+    torch_model, _ = load_language_model(trained_runs[kind])
+    runtime = evaluate_package(runtime_model, [corpus_jsonl], progress=False, **POSITIONS)
     reference = evaluate_checkpoint(trained_runs[kind], [corpus_jsonl], progress=False, **POSITIONS)
     assert runtime["positions"] == reference["positions"]
-    main_offset = runtime["by_offset"]["0"]
+    positions = runtime["by_offset"]["0"]["positions"]["1"]
+    assert positions == POSITIONS["max_positions"]
+
+    tokens, _ = load_eval_tokens([corpus_jsonl], runtime_model.tokenizer)
+    pairs = eval_positions([tokens.tolist()], runtime_model.chunk_size, runtime["positions"]["context_tokens"],
+                           POSITIONS["stride"], POSITIONS["max_positions"])
+    drawn_runtime, drawn_reference = [], []
+    evaluate_brierlm(runtime_model, pairs, progress=False, samples=drawn_runtime)
+    evaluate_brierlm(torch_model, pairs, progress=False, samples=drawn_reference)
+    differing = sum(a != b for a, b in zip(drawn_runtime, drawn_reference))
+    assert differing <= 0.05 * positions
     for n in (1, 2, 3, 4):
-        assert abs(runtime[f"brier_{n}"] - reference[f"brier_{n}"]) <= main_offset[f"brier_{n}_stderr"], n
-    assert runtime["brierlm"] == pytest.approx(reference["brierlm"], abs=1.0)
+        gap = abs(runtime[f"brier_{n}"] - reference[f"brier_{n}"])
+        assert gap <= 1 / positions ** 0.5, n
+        assert gap <= 2 * differing / positions + 1e-12, n
 
 
 def test_eval_package_command_with_reconstruction(packages, quantized, trained_runs, corpus_jsonl, tmp_path):
@@ -172,10 +192,36 @@ def test_compare_command_writes_the_table_and_the_plot(packages, quantized, corp
     report = json.loads(out.read_text())
     assert [row["mode"] for row in report["rows"]] == ["fp32", "int8-dynamic", "int4"]
     reference = report["rows"][0]
-    assert reference["relative_to_fp32"]["brierlm"] == pytest.approx(1.0)
+    assert reference["relative_to_fp32"]["bytes"] == 1.0
+    if reference["brierlm"] > 0:  # a tiny model's BrierLM can be 0 at 16 positions, and then has no ratio
+        assert reference["relative_to_fp32"]["brierlm"] == pytest.approx(1.0)
     assert reference["relative_to_fp32"]["decode_speedup"] == pytest.approx(1.0)
     assert all(row["decode_tokens_per_second"] > 0 and row["bytes"] > 0 for row in report["rows"])
     assert png.read_bytes().startswith(b"\x89PNG")
     assert "int4" in result.stdout
     alone = CliRunner().invoke(main, ["-q", "eval", "compare", str(quantized["ar", "int4"]), "--data", str(corpus_jsonl)])
     assert alone.exit_code == 1 and "no fp32 ar package among the packages" in alone.output
+
+
+def test_quantize_and_eval_package_run_without_torch(packages, corpus_jsonl, tmp_path):
+    """A device (no torch) can quantize a package and measure its BrierLM; only reconstruction needs torch."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from click.testing import CliRunner\n"
+        "from calm_edge.cli import main\n"
+        f"pkg, out, data = {str(packages['ar'])!r}, {str(tmp_path / 'ar-int8')!r}, {str(corpus_jsonl)!r}\n"
+        "r = CliRunner().invoke(main, ['-q', 'quantize', '--package', pkg, '--mode', 'int8-dynamic', '--out', out])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "r = CliRunner().invoke(main, ['-q', 'eval', 'package', '--package', out, '--data', data, '--max-positions', '8'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "print(r.stdout)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "ar int8-dynamic" in result.stdout and "BrierLM" in result.stdout
