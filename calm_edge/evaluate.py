@@ -110,9 +110,21 @@ def evaluate_checkpoint(path, sources, context=256, stride=32, max_positions=200
 def evaluate_package(model, sources, context=256, stride=32, max_positions=2000, offsets=(0,), seed=0,
                      text_field="text", detokenize="none", batch_size=32, progress=True):
     """BrierLM of a model package, opened as a runtime `Model`, through its ONNX graphs."""
-    limit = context_limit(model.max_context, model.chunk_size, model.kind)
-    return _evaluate_offsets(model, model.tokenizer, model.chunk_size, limit, sources, context, stride,
-                             max_positions, offsets, seed, text_field, detokenize, batch_size, progress)
+    K = position_chunk_size(model.manifest)
+    limit = context_limit(model.max_context, K, model.kind)
+    return _evaluate_offsets(model, model.tokenizer, K, limit, sources, context, stride, max_positions, offsets, seed,
+                             text_field, detokenize, batch_size, progress)
+
+
+def position_chunk_size(manifest):
+    """The K that lays out evaluation positions: the autoencoder's, for AR packages too.
+
+    `evaluate_checkpoint` places an AR model's positions with its config's autoencoder K, so
+    that CALM and AR are scored at the same positions; a package's training config (in its
+    provenance) gives the same K, and a package without one falls back to its own chunk size.
+    """
+    config = (manifest.get("provenance") or {}).get("config") or {}
+    return int((config.get("autoencoder") or {}).get("chunk_size") or manifest["model"]["chunk_size"])
 
 
 def _evaluate_offsets(model, tokenizer, K, limit, sources, context, stride, max_positions, offsets, seed, text_field,

@@ -49,6 +49,7 @@ def compare_packages(paths, sources, autoencoder=None, threads=None, speed_token
     if missing:
         raise CalmEdgeError(f"no fp32 {' or '.join(missing)} package among the packages; add the fp32 package the "
                             "quantized ones came from, as the reference")
+    _check_sources(models, references)
 
     speeds = measure_round_robin(models, new_tokens=speed_tokens, repeats=speed_repeats, seed=seed)
     rows = {}
@@ -94,6 +95,21 @@ def _onnxruntime_version():
     import onnxruntime
 
     return onnxruntime.__version__
+
+
+def _check_sources(models, references):
+    """Each quantized package must come from the fp32 package it is compared with."""
+    from calm_edge.fileio import sha256_of
+    from calm_edge.runtime.package import MANIFEST_FILE
+
+    for name, model in models.items():
+        source = model.manifest["quantization"].get("source")
+        if not source:
+            continue
+        reference = references[model.kind]
+        if source["manifest_sha256"] != sha256_of(Path(reference) / MANIFEST_FILE):
+            raise CalmEdgeError(f"{name} was quantized from {source['package']}, not from the fp32 package {reference} "
+                                "it would be compared with; quantize it again from that package")
 
 
 def table(report):

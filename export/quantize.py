@@ -24,6 +24,8 @@ import shutil
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from calm_edge.errors import CalmEdgeError
 from calm_edge.export import calibration, quant_validate
 from calm_edge.export.quantizers import MODES, check_mode, quantize_graph
@@ -38,6 +40,12 @@ VALIDATION_WINDOWS = 4
 VALIDATION_TEXT = " ".join(quant_validate.GENERATION_PROMPTS) + (
     " The river rose for three days, and the people of the valley moved their animals to the hills."
     " When the water fell again, the fields were covered with a fine grey mud that made them rich."
+    " In the following spring the town council voted to build a stone bridge across the narrows,"
+    " and the work was given to a young engineer who had studied in the capital. He drew the plans"
+    " himself, hired men from the nearby villages, and finished the bridge two years later, at half"
+    " the cost that the council had expected. It still carries the main road to the north today."
+    " The bridge appears in several paintings of the period, and a copy of the engineer's first"
+    " drawing hangs in the museum beside the old market hall."
 )
 
 
@@ -113,7 +121,8 @@ def quantize_package(source, out, mode, keep_fp32=(), calibration_data=(), calib
 
     with atomic_output_dir(out, force=force, what="package") as tmp:
         modes, settings = {}, {}
-        for name, graph in manifest["graphs"].items():
+        for name, graph in tqdm(manifest["graphs"].items(), desc=f"quantizing ({mode})", unit=" graph",
+                                disable=not progress):
             if "external_data" in graph:
                 raise CalmEdgeError(f"{source}/{graph['file']} keeps its weights in external data; quantizing such "
                                     "graphs (over 2 GB) is not supported")

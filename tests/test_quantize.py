@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from calm_edge.cli import main
 from calm_edge.errors import CalmEdgeError
 from calm_edge.evaldata import load_eval_tokens
-from calm_edge.evaluate import eval_positions, evaluate_brierlm, evaluate_checkpoint, evaluate_package
+from calm_edge.evaluate import (eval_positions, evaluate_brierlm, evaluate_checkpoint, evaluate_package,
+                                position_chunk_size)
 from calm_edge.export.quantize import quantize_package
 from calm_edge.export.quantizers import MODES
 from calm_edge.runtime import package
@@ -129,7 +130,9 @@ def test_brierlm_through_the_package_agrees_with_pytorch(packages, trained_runs,
     assert positions == POSITIONS["max_positions"]
 
     tokens, _ = load_eval_tokens([corpus_jsonl], runtime_model.tokenizer)
-    pairs = eval_positions([tokens.tolist()], runtime_model.chunk_size, runtime["positions"]["context_tokens"],
+    # AR positions are laid out with the autoencoder's K, as evaluate_checkpoint does.
+    K = position_chunk_size(runtime_model.manifest)
+    pairs = eval_positions([tokens.tolist()], K, runtime["positions"]["context_tokens"],
                            POSITIONS["stride"], POSITIONS["max_positions"])
     drawn_runtime, drawn_reference = [], []
     evaluate_brierlm(runtime_model, pairs, progress=False, samples=drawn_runtime)
