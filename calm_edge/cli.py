@@ -553,7 +553,7 @@ def quantize_command(ctx, package_dir, mode, out, keep_fp32, calibration_data, c
                       for name, g in manifest["graphs"].items())
     generation = manifest["validation"]["generation"]
     click.echo(f"quantized {manifest['kind']} package -> {out} ({sizes}); generation: "
-               f"{generation['identical_tokens']} of {generation['tokens']} tokens as fp32")
+               f"{generation['identical_tokens']} of {generation['tokens']} tokens identical to fp32")
 
 
 # ----- generation -----------------------------------------------------------------------------

@@ -116,12 +116,14 @@ def table(report):
     """The report as a plain-text table (one line per package)."""
     header = f"{'package':<34} {'MB':>7} {'BrierLM':>8} {'rel':>6} {'recon':>7} {'tok/s':>8} {'speedup':>7}"
     lines = [header, "-" * len(header)]
+    def fixed(value, digits):
+        return "-" if value is None else f"{value:.{digits}f}"
+
     for row in report["rows"]:
         rel = row["relative_to_fp32"]
-        recon = row["reconstruction_token_accuracy"]
-        lines.append(f"{row['label']:<34} {row['bytes'] / 1e6:>7.2f} {row['brierlm']:>8.2f} {rel['brierlm'] or 0:>6.3f} "
-                     f"{'-' if recon is None else f'{recon:.4f}':>7} {row['decode_tokens_per_second']:>8.1f} "
-                     f"{rel['decode_speedup']:>7.2f}")
+        lines.append(f"{row['label']:<34} {row['bytes'] / 1e6:>7.2f} {row['brierlm']:>8.2f} {fixed(rel['brierlm'], 3):>6} "
+                     f"{fixed(row['reconstruction_token_accuracy'], 4):>7} {row['decode_tokens_per_second']:>8.1f} "
+                     f"{fixed(rel['decode_speedup'], 2):>7}")
     return "\n".join(lines)
 
 
