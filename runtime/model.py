@@ -137,8 +137,10 @@ class Model:
         # The cache lives where the step graph computes: the GPU for cuda/tensorrt, so it never
         # crosses to the host between steps. Its dtype is the graph's (fp16 packages may keep
         # an fp16 cache).
-        present_type = {o.name: o.type for o in self._step_graph.get_outputs()}[self._present_names[0]]
-        self._cache_dtype = ONNX_TO_NUMPY[present_type]
+        output_types = {o.name: o.type for o in self._step_graph.get_outputs()}
+        self._cache_dtype = ONNX_TO_NUMPY[output_types[self._present_names[0]]]
+        self._first_output_dtype = ONNX_TO_NUMPY[output_types[self._first_output]]
+        self._first_output_width = section["vocab_size"] if self.kind == "ar" else section["hidden_size"]
         self._cache_device = "cpu" if provider == "cpu" else "cuda"
 
     def new_state(self):
@@ -177,13 +179,18 @@ class ModelState(Backend):
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask, np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
-        binding.bind_output(self.model._first_output)  # first, so it is get_outputs()[0]
-        total = self.cache.bind(binding, position_ids.shape[1])
+        # The step's result goes straight into a host array: reading it back through
+        # get_outputs() would wrap every bound output, the cache included, each step.
+        model = self.model
+        batch, new_positions = position_ids.shape
+        shape = (batch, model._first_output_width) if self.kind == "ar" else (batch, new_positions, model._first_output_width)
+        last = np.empty(shape, model._first_output_dtype)
+        binding.bind_output(model._first_output, "cpu", 0, last.dtype, list(shape), last.ctypes.data)
+        total = self.cache.bind(binding, new_positions)
         began = time.perf_counter()
         session.run_with_iobinding(binding)
         self.timings[self.model._step_name] += time.perf_counter() - began
         self.cache.commit(total)
-        last = binding.get_outputs()[0].numpy()
         return last[:, -1] if last.ndim == 3 else last
 
     def start(self, input_ids, attention_mask, position_ids):
