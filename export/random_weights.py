@@ -1,0 +1,81 @@
+"""Untrained models of any preset's dimensions, as checkpoints that export like trained ones.
+
+Speed does not depend on trained weights, so the benchmark measures packages of the paper's
+dimensions (`--preset base`) without training them: `random_checkpoint` builds the CALM or AR
+model of a config with its initial (random) weights and saves it as an ordinary checkpoint, so
+`calm-edge export` (ONNX package) and `calm-edge export --format hf` (the peers' input) run on
+it unchanged. The checkpoint's trainer.json says "random_weights": true, and the package's
+provenance carries it, so nobody mistakes such a package for a trained one.
+
+    calm-edge export random --preset base --kind calm --tokenizer runs/tok --out runs/calm-base-random
+
+The tokenizer must have the config's vocabulary size. A smaller one (the 8,192-piece `small`
+tokenizer under the base preset's 128,256) is padded with UNUSED pieces, which SentencePiece never
+produces when encoding, so text still encodes exactly as before while the ids reach the full
+vocabulary, as a model of that size needs.
+"""
+import tempfile
+from pathlib import Path
+
+from calm_edge.errors import CalmEdgeError
+
+KINDS = ("calm", "ar")
+
+
+def pad_tokenizer(source, target, vocab_size):
+    """Write `source`'s SentencePiece model to `target` with UNUSED pieces up to `vocab_size`."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(source).read_bytes())
+    have = len(proto.pieces)
+    if have > vocab_size:
+        raise CalmEdgeError(f"tokenizer {source} has {have} pieces, more than the config's vocab_size={vocab_size}; "
+                            f"pass --set tokenizer.vocab_size={have} or a smaller tokenizer")
+    lowest = min(p.score for p in proto.pieces)
+    for i in range(have, vocab_size):
+        piece = proto.pieces.add()
+        piece.piece = f"<unused_{i}>"
+        piece.score = lowest - 1.0
+        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED
+    proto.trainer_spec.vocab_size = vocab_size
+    Path(target).write_bytes(proto.SerializeToString())
+    return vocab_size - have
+
+
+def random_checkpoint(config, kind, tokenizer, out, seed=0, force=False):
+    """Save the `kind` model of `config` with initial weights as a checkpoint run folder `out`."""
+    import torch
+
+    from calm_edge.tokenizer import Tokenizer
+    from calm_edge.training import checkpoint
+
+    if kind not in KINDS:
+        raise CalmEdgeError(f"model kind {kind!r} is unknown; choose one of: {', '.join(KINDS)}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise CalmEdgeError(f"{out} already exists; pass --force to replace it or choose another --out")
+    source = Tokenizer(tokenizer)  # accepts a folder or a tokenizer.model file, with a clear error
+    ids = config.tokenizer.reserved_ids
+    special = {"pad": source.pad_id, "bos": source.bos_id, "eos": source.eos_id, "unk": source.unk_id}
+    if special != dict(ids):
+        raise CalmEdgeError(f"tokenizer {source.path} has special ids {special}, the config expects {dict(ids)}; "
+                            "use a tokenizer made by `calm-edge tokenizer train`")
+    torch.manual_seed(seed)
+    if kind == "calm":
+        from calm_edge.models.calm import CalmModel
+
+        model = CalmModel(config)
+    else:
+        from calm_edge.models.ar import ARModel
+
+        model = ARModel(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        padded = Path(tmp) / checkpoint.TOKENIZER_FILE
+        added = pad_tokenizer(source.path, padded, config.tokenizer.vocab_size)
+        info = {"random_weights": True, "seed": seed, "tokens_seen": 0, "data": None,
+                "tokenizer_padding": {"source": str(source.path), "unused_pieces_added": added}}
+        if out.exists():
+            checkpoint.remove_folder(out)
+        checkpoint.save_checkpoint(out, 0, kind, config, model, info, {}, files={checkpoint.TOKENIZER_FILE: padded})
+    return out
