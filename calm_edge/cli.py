@@ -501,8 +501,9 @@ def generate_command(package_dir, checkpoint, prompt, max_new_tokens, temperatur
               help="Model package to measure, CALM or AR (repeatable).")
 @click.option("--peer", "peers", multiple=True, type=click.Choice(["optimum", "ort-genai"]),
               help="Also run the AR weights of --hf through optimum or onnxruntime-genai (repeatable).")
-@click.option("--hf", type=click.Path(file_okay=False), default=None,
-              help="The AR baseline as a Hugging Face folder (calm-edge export --ar RUN --format hf), for --peer.")
+@click.option("--hf", "hf_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="The AR baseline as a Hugging Face folder (calm-edge export --ar RUN --format hf), for --peer "
+                   "(repeatable: each peer runs each folder).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Report JSON; the CSV and PNG plots are written beside it.")
 @click.option("--prompt-lengths", default="64,512", show_default=True, help="Prompt lengths in tokens.")
@@ -520,7 +521,7 @@ def generate_command(package_dir, checkpoint, prompt, max_new_tokens, temperatur
 @click.option("--work-dir", type=click.Path(file_okay=False), default="bench-work", show_default=True,
               help="Peers' converted models and the workers' logs (reused between runs).")
 @click.pass_context
-def bench_command(ctx, packages, peers, hf, out, prompt_lengths, new_tokens, batch_sizes, threads, temperatures,
+def bench_command(ctx, packages, peers, hf_dirs, out, prompt_lengths, new_tokens, batch_sizes, threads, temperatures,
                   repeats, warmup, seed, candidates, text, work_dir):
     """Measure latency, throughput and memory of packages and peer runtimes on the same prompts.
 
@@ -531,7 +532,7 @@ def bench_command(ctx, packages, peers, hf, out, prompt_lengths, new_tokens, bat
 
     matrix = {"prompt_lengths": prompt_lengths, "new_tokens": new_tokens, "batch_sizes": batch_sizes,
               "threads": threads, "temperatures": temperatures}
-    report = run_bench(packages=packages, peers=peers, hf=hf, out=out, work_dir=work_dir, repeats=repeats,
+    report = run_bench(packages=packages, peers=peers, hf=hf_dirs, out=out, work_dir=work_dir, repeats=repeats,
                        warmup=warmup, seed=seed, candidates=candidates, text=text, matrix_options=matrix,
                        progress=_progress(ctx), log=log.info)
     for runner in report["runners"]:

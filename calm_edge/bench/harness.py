@@ -55,35 +55,42 @@ def _weights_figures(config, kind):
             "parts": {k: round(v) for k, v in parts["parts"].items()}}
 
 
-def check_inputs(packages, peers, hf):
-    """Manifests of the packages, and the tokenizer every runner shares; clear errors otherwise."""
+# Text whose encoding every runner's tokenizer must agree on (see check_inputs).
+AGREEMENT_TEXT = ("The history of the city begins in 1204, when the river was first bridged. "
+                  "Its population grew to 12,000 by 1850; café naïve 東京.")
+
+
+def check_inputs(packages, peers, hf_dirs):
+    """Manifests of the packages, and a tokenizer every runner agrees with; clear errors otherwise.
+
+    Runners may carry different tokenizer files (the paper-dimension packages pad one tokenizer
+    to 128,256 ids with pieces that are never produced), but they must encode text to the same
+    ids, so that every runner gets the very same prompts.
+    """
     from calm_edge.runtime import package
+    from calm_edge.tokenizer import Tokenizer
 
     if not packages and not peers:
         raise CalmEdgeError("nothing to measure: pass --package PKG (repeatable) and/or --peer optimum / --peer ort-genai")
     for peer in peers:
         if peer not in PEERS:
             raise CalmEdgeError(f"--peer {peer!r} is unknown; choose one of: {', '.join(PEERS)}")
-    if peers:
-        if hf is None:
-            raise CalmEdgeError(f"--peer {peers[0]} runs the AR weights from a Hugging Face folder; pass --hf DIR, "
-                                "made by `calm-edge export --ar RUN --format hf --out DIR`")
+    if peers and not hf_dirs:
+        raise CalmEdgeError(f"--peer {peers[0]} runs the AR weights from a Hugging Face folder; pass --hf DIR, "
+                            "made by `calm-edge export --ar RUN --format hf --out DIR`")
+    for hf in hf_dirs:
         if not (Path(hf) / "config.json").is_file() or not (Path(hf) / "tokenizer.model").is_file():
             raise CalmEdgeError(f"--hf {hf} is not a Hugging Face folder written by `calm-edge export --format hf` "
                                 "(it needs config.json and tokenizer.model); export it again")
     manifests = {str(Path(p).resolve()): package.read_manifest(p) for p in packages}
-    tokenizers = {path: m["tokenizer"]["sha256"] for path, m in manifests.items()}
-    if hf is not None:
-        from calm_edge.fileio import sha256_of
-
-        tokenizers[str(hf)] = sha256_of(Path(hf) / "tokenizer.model")
-    if len(set(tokenizers.values())) > 1:
-        raise CalmEdgeError("the runners do not share one tokenizer (" + ", ".join(
-            f"{p}: {s[:12]}" for p, s in tokenizers.items()) + "); compare packages exported from runs trained "
-            "on the same tokenizer, so every runner gets the very same prompt ids")
-    tokenizer_path = (Path(packages[0]) / manifests[str(Path(packages[0]).resolve())]["tokenizer"]["file"]) \
-        if packages else Path(hf) / "tokenizer.model"
-    return manifests, tokenizer_path
+    tokenizers = [Path(p) / m["tokenizer"]["file"] for p, m in manifests.items()]
+    tokenizers += [Path(hf) / "tokenizer.model" for hf in hf_dirs]
+    encodings = {str(t): Tokenizer(t).encode(AGREEMENT_TEXT) for t in tokenizers}
+    if len({tuple(ids) for ids in encodings.values()}) > 1:
+        raise CalmEdgeError("the runners' tokenizers encode text differently (" + ", ".join(encodings) + "); "
+                            "compare packages exported from runs trained on the same tokenizer, so every runner "
+                            "gets the very same prompt ids")
+    return manifests, tokenizers[0]
 
 
 def _run_worker(spec, work_dir, label, bar, log):
@@ -118,24 +125,27 @@ def _label(index, spec):
     return f"{index:02d}-{''.join(c if c.isalnum() or c in '-_' else '_' for c in kind)}"
 
 
-def run_bench(packages=(), peers=(), hf=None, out="bench.json", work_dir="bench-work", repeats=5, warmup=1,
+def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-work", repeats=5, warmup=1,
               seed=0, candidates=16, text=None, matrix_options=None, progress=True, log=lambda message: None):
     """Measure, write the JSON report (and CSV, plots) and return it."""
     from calm_edge.bench import output
     from calm_edge.tokenizer import Tokenizer
 
     packages, peers = [Path(p) for p in packages], list(peers)
+    hf_dirs = [hf] if isinstance(hf, (str, Path)) else list(hf or ())
     if repeats < 1 or warmup < 0:
         raise CalmEdgeError(f"--repeats {repeats} / --warmup {warmup}: need at least 1 repeat and 0 or more warm-up runs")
     cells = build_matrix(**(matrix_options or {}))
-    manifests, tokenizer_path = check_inputs(packages, peers, hf)
+    manifests, tokenizer_path = check_inputs(packages, peers, hf_dirs)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     prompts = prompt_batches(Tokenizer(tokenizer_path), text, sorted({c.prompt_tokens for c in cells}),
                              max(c.batch for c in cells))
 
     specs = [{"type": "package", "path": str(p.resolve()), "candidates": candidates} for p in packages]
-    specs += [{"type": peer, "hf": str(Path(hf).resolve()), "work_dir": str(work_dir.resolve())} for peer in peers]
+    # Each peer runs each Hugging Face folder; its converted models go to a folder of their own.
+    specs += [{"type": peer, "hf": str(Path(hf).resolve()), "work_dir": str((work_dir / Path(hf).name).resolve())}
+              for hf in hf_dirs for peer in peers]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -150,7 +160,7 @@ def run_bench(packages=(), peers=(), hf=None, out="bench.json", work_dir="bench-
                            "results": str((work_dir / f"{label}.results.jsonl").resolve())}
             (work_dir / f"{label}.results.jsonl").unlink(missing_ok=True)
             records, failure = _run_worker(worker_spec, work_dir, label, bar, log)
-            runners.append(_assemble_runner(spec, records, failure, cells, manifests, hf))
+            runners.append(_assemble_runner(spec, records, failure, manifests, len(hf_dirs) > 1))
             if bar is not None:  # cells a failed or unavailable runner never reached
                 bar.update(len(cells) - len(runners[-1]["cells"]) if runners[-1]["status"] != "ok" else 0)
     finally:
@@ -175,7 +185,7 @@ def run_bench(packages=(), peers=(), hf=None, out="bench.json", work_dir="bench-
     return report
 
 
-def _assemble_runner(spec, records, failure, cells, manifests, hf):
+def _assemble_runner(spec, records, failure, manifests, several_hf):
     head = records[0] if records and "runner" in records[0] else {}
     info = dict(head.get("runner", {}))
     if spec["type"] == "package":
@@ -187,7 +197,9 @@ def _assemble_runner(spec, records, failure, cells, manifests, hf):
         info["random_weights"] = bool(manifest.get("provenance", {}).get("random_weights"))
         size_of = spec["path"]
     else:
-        kind, config, name = "ar", _hf_config(hf), PEER_NAMES[spec["type"]]
+        kind, config, name = "ar", _hf_config(spec["hf"]), PEER_NAMES[spec["type"]]
+        if several_hf:
+            name += f" ({Path(spec['hf']).name})"
         info.setdefault("kind", "ar")
         size_of = info.get("onnx_dir") or info.get("model_dir")
     runner = {"name": name, **info, "status": "ok", "reason": None,
@@ -208,11 +220,19 @@ def _median(runner, key, metric="decode_tokens_per_s"):
     return cell.get(metric, {}).get("median")
 
 
+def _vocab(runner):
+    return (runner.get("config") or {}).get("tokenizer", {}).get("vocab_size")
+
+
 def compare(runners):
-    """CALM decode tokens/s over each AR runner's, cell by cell, beside the weights-read ideal."""
+    """CALM decode tokens/s over each AR runner's, cell by cell, beside the weights-read ideal.
+
+    A CALM runner is paired with the AR runners of the same vocabulary size: one file may hold
+    several pairings (the paper's 128,256-token pairing and an 8,192-token one).
+    """
     rows = []
     for calm in (r for r in runners if r.get("kind") == "calm" and r["status"] == "ok"):
-        for ar in (r for r in runners if r.get("kind") == "ar"):
+        for ar in (r for r in runners if r.get("kind") == "ar" and _vocab(r) == _vocab(calm)):
             ideal = None
             if calm["config"] and ar["config"]:
                 ideal = weights_read.ideal_speedup(Config.from_dict(calm["config"]), Config.from_dict(ar["config"]))

@@ -96,7 +96,8 @@ def plot_throughput(report, path):
         ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="decode tokens/s",
                title=f"prompt {prompt}, T={temperature:g}, {threads} threads" if prompt else "no results")
         ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     _note_unavailable(fig, report)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
