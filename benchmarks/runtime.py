@@ -10,7 +10,8 @@ For every package given (CALM and AR alike), on ONNX Runtime's CPU provider at b
   - memory: resident set size after loading and at the end, and the preallocated KV cache.
 
 Everything is measured in one run, so the ratios (T = 1/2 against T = 1, CALM against AR) compare
-like with like on a noisy machine.
+like with like on a noisy machine. The timing code is calm_edge/bench (shared with `calm-edge bench`,
+the full matrix with peers); this script is its quick batch-1 view.
 
     python benchmarks/runtime.py --package models/calm-small --package models/ar-small --name small
 """
@@ -18,26 +19,14 @@ import argparse
 import json
 import os
 import platform
-import resource
-import statistics
-import time
 from pathlib import Path
 
+from calm_edge.bench.runners import PackageRunner
+from calm_edge.bench.stats import rss_mb
 from calm_edge.fileio import write_json_atomic
-from calm_edge.runtime.generator import GeneratorParams, iterate_steps
-from calm_edge.runtime.model import Model
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "wikitext103-test-doc.jsonl"
-
-
-def rss_mb():
-    """Current resident set size in MB (Linux /proc), falling back to the peak."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
 
 
 def prompt_ids(model, text_file, prompt_tokens):
@@ -46,52 +35,42 @@ def prompt_ids(model, text_file, prompt_tokens):
     return model.tokenizer.encode(text)[:prompt_tokens]
 
 
-def one_generation(model, prompt, params):
-    """(seconds, prefill seconds, steps, tokens, graph seconds) of one generation."""
-    state = model.new_state()
-    began = time.perf_counter()
-    steps, tokens, prefill = 0, 0, None
-    for new_ids in iterate_steps(state, [prompt], params):
-        if prefill is None:  # the first step follows the prefill call directly
-            prefill = state.timings[model._step_name]
-        steps += 1
-        tokens += len(new_ids[0])
-    seconds = time.perf_counter() - began
-    graphs = dict(state.timings)
-    graphs[model._step_name] -= prefill
-    return {"seconds": seconds, "prefill_seconds": prefill, "steps": steps, "tokens": tokens, "graphs": graphs}
+def measure(runner, prompt, temperature, new_tokens, repeats):
+    """The median of `repeats` generations (whole, by total time) and its per-step split.
 
-
-def measure(model, prompt, params, repeats):
-    runs = [one_generation(model, prompt, params) for _ in range(repeats)]
-    run = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run, whole
-    decode_seconds = run["seconds"] - run["prefill_seconds"]
-    graph_seconds = sum(run["graphs"].values())
-    per_step_ms = {name: 1e3 * s / run["steps"] for name, s in run["graphs"].items()}
-    per_step_ms["loop_overhead"] = 1e3 * (decode_seconds - graph_seconds) / run["steps"]
+    Timing is `calm_edge.bench`'s (the same code `calm-edge bench` uses): the graphs' seconds
+    come from the model's per-graph timings, the rest of a step is the loop's overhead.
+    """
+    traces = [runner.generate([prompt], new_tokens, temperature, seed=1) for _ in range(repeats)]
+    run = sorted(traces, key=lambda t: t.total_s)[len(traces) // 2]
+    decode_seconds, steps = sum(run.step_s), len(run.step_s)
+    graph_seconds = sum(run.graphs_s.values())
+    per_step_ms = {name: 1e3 * s / steps for name, s in run.graphs_s.items()}
+    per_step_ms["loop_overhead"] = 1e3 * (decode_seconds - graph_seconds) / steps
     return {
-        "new_tokens": run["tokens"],
-        "steps": run["steps"],
-        "prefill_ms": round(1e3 * run["prefill_seconds"], 2),
-        "decode_tokens_per_second": round(run["tokens"] / decode_seconds, 1),
-        "step_ms": round(1e3 * decode_seconds / run["steps"], 3),
+        "new_tokens": run.new_tokens,
+        "steps": steps + 1,
+        "prefill_ms": round(1e3 * run.prefill_s, 2),
+        "decode_tokens_per_second": round((run.new_tokens - run.tokens_per_step) / decode_seconds, 1),
+        "step_ms": round(1e3 * decode_seconds / steps, 3),
         "per_step_ms": {k: round(v, 3) for k, v in per_step_ms.items()},
         "loop_share": round((decode_seconds - graph_seconds) / decode_seconds, 4),
-        "all_runs_seconds": [round(r["seconds"], 4) for r in runs],
+        "all_runs_seconds": [round(t.total_s, 4) for t in traces],
     }
 
 
 def bench_package(path, text_file, prompt_tokens, new_tokens, threads, repeats):
     before = rss_mb()
-    model = Model(path, threads=threads)
+    runner = PackageRunner(path)
+    runner.load(threads)
+    model = runner.model
     loaded = rss_mb()
     prompt = prompt_ids(model, text_file, prompt_tokens)
     result = {"package": str(path), "kind": model.kind, "chunk_size": model.chunk_size,
               "prompt_tokens": len(prompt), "rss_mb_before_load": round(before, 1), "rss_mb_loaded": round(loaded, 1)}
-    one_generation(model, prompt, GeneratorParams(max_new_tokens=8, seed=0, stop_at_eos=False))  # warm-up
+    runner.generate([prompt], 8, 1.0, seed=0)  # warm-up
     for label, temperature in (("T=1", 1.0), ("T=1/2", 0.5)):
-        params = GeneratorParams(max_new_tokens=new_tokens, temperature=temperature, seed=1, stop_at_eos=False)
-        result[label] = measure(model, prompt, params, repeats)
+        result[label] = measure(runner, prompt, temperature, new_tokens, repeats)
         print(f"{path} {label}: {result[label]['decode_tokens_per_second']} tokens/s, step {result[label]['step_ms']} ms "
               f"{result[label]['per_step_ms']}, loop share {result[label]['loop_share']:.1%}")
     state = model.new_state()

@@ -126,7 +126,8 @@ def _label(index, spec):
 
 
 def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-work", repeats=5, warmup=1,
-              seed=0, candidates=16, text=None, matrix_options=None, progress=True, log=lambda message: None):
+              seed=0, candidates=16, text=None, matrix_options=None, provider="cpu", progress=True,
+              log=lambda message: None):
     """Measure, write the JSON report (and CSV, plots) and return it."""
     from calm_edge.bench import output
     from calm_edge.tokenizer import Tokenizer
@@ -135,6 +136,12 @@ def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-wo
     hf_dirs = [hf] if isinstance(hf, (str, Path)) else list(hf or ())
     if repeats < 1 or warmup < 0:
         raise CalmEdgeError(f"--repeats {repeats} / --warmup {warmup}: need at least 1 repeat and 0 or more warm-up runs")
+    if provider != "cpu":
+        from calm_edge.runtime.model import available_providers
+
+        if provider not in available_providers():  # before any worker starts, with the fix
+            raise CalmEdgeError(f"--provider {provider}: this onnxruntime offers {', '.join(available_providers())}; "
+                                "install onnxruntime-gpu in place of onnxruntime (README.md, GPU machines)")
     cells = build_matrix(**(matrix_options or {}))
     manifests, tokenizer_path = check_inputs(packages, peers, hf_dirs)
     work_dir = Path(work_dir)
@@ -142,10 +149,11 @@ def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-wo
     prompts = prompt_batches(Tokenizer(tokenizer_path), text, sorted({c.prompt_tokens for c in cells}),
                              max(c.batch for c in cells))
 
-    specs = [{"type": "package", "path": str(p.resolve()), "candidates": candidates} for p in packages]
+    specs = [{"type": "package", "path": str(p.resolve()), "candidates": candidates, "provider": provider}
+             for p in packages]
     # Each peer runs each Hugging Face folder; its converted models go to a folder of their own.
-    specs += [{"type": peer, "hf": str(Path(hf).resolve()), "work_dir": str((work_dir / Path(hf).name).resolve())}
-              for hf in hf_dirs for peer in peers]
+    specs += [{"type": peer, "hf": str(Path(hf).resolve()), "work_dir": str((work_dir / Path(hf).name).resolve()),
+               "provider": provider} for hf in hf_dirs for peer in peers]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -171,7 +179,7 @@ def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-wo
         "benchmark": "calm-edge bench",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["calm-edge", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv),
-        "provider": "cpu",
+        "provider": provider,
         "machine": {"cpu_cores": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "platform": platform.platform(), "python": platform.python_version()},
         "settings": {"repeats": repeats, "warmup": warmup, "seed": seed, "candidates": candidates,

@@ -65,12 +65,12 @@ def fits_context(prompt_tokens, new_tokens, max_context, chunk_size=1):
 
 
 class PackageRunner:
-    """A calm-edge model package, CALM or AR, on the CPU provider."""
+    """A calm-edge model package, CALM or AR, on one execution provider (cpu by default)."""
 
-    def __init__(self, path, candidates=16):
+    def __init__(self, path, candidates=16, provider="cpu"):
         from calm_edge.runtime import package
 
-        self.path = Path(path)
+        self.path, self.provider = Path(path), provider
         self.manifest = package.read_manifest(self.path)
         self.kind = self.manifest["kind"]
         self.name = f"calm-edge {self.kind} ({self.path.name})"
@@ -79,7 +79,7 @@ class PackageRunner:
 
     def describe(self):
         model = self.manifest["model"]
-        return {"runner": "calm-edge", "kind": self.kind, "package": str(self.path),
+        return {"runner": "calm-edge", "kind": self.kind, "package": str(self.path), "provider": self.provider,
                 "chunk_size": model["chunk_size"], "max_context_tokens": model["max_context"] * model["chunk_size"],
                 "quantization": self.manifest["quantization"]["mode"],
                 "versions": version_of("calm-edge", "onnxruntime")}
@@ -91,7 +91,7 @@ class PackageRunner:
     def load(self, threads):
         from calm_edge.runtime.model import Model
 
-        self.model = Model(self.path, threads=threads)
+        self.model = Model(self.path, provider=self.provider, threads=threads)
 
     def generate(self, prompts, new_tokens, temperature, seed):
         from calm_edge.runtime.generator import GeneratorParams, iterate_steps
@@ -111,22 +111,23 @@ class PackageRunner:
             produced += len(new_ids[0])
         graphs = {name: seconds - at_first[name] for name, seconds in state.timings.items()}
         return Trace(total_s=marks[-1] - began, ttft_s=marks[0] - began, prefill_s=prefill,
-                     step_s=list(np.diff(marks)), tokens_per_step=self.model.chunk_size, new_tokens=produced,
+                     step_s=np.diff(marks).tolist(), tokens_per_step=self.model.chunk_size, new_tokens=produced,
                      graphs_s=graphs)
 
 
 class OptimumRunner:
-    """The AR weights through optimum's ORTModelForCausalLM (ONNX Runtime, CPU provider)."""
+    """The AR weights through optimum's ORTModelForCausalLM (ONNX Runtime, fp32)."""
 
     name = "optimum"
 
-    def __init__(self, hf_dir, work_dir):
-        self.hf_dir, self.onnx_dir = Path(hf_dir), Path(work_dir) / "optimum-onnx"
+    def __init__(self, hf_dir, work_dir, provider="cpu"):
+        self.hf_dir, self.onnx_dir, self.provider = Path(hf_dir), Path(work_dir) / "optimum-onnx", provider
         self.model, self.prepare_seconds = None, None
         self.config = json.loads((self.hf_dir / "config.json").read_text())
 
     def describe(self):
         return {"runner": "optimum", "kind": "ar", "hf_checkpoint": str(self.hf_dir), "onnx_dir": str(self.onnx_dir),
+                "provider": self.provider,
                 "chunk_size": 1, "max_context_tokens": self.config["max_position_embeddings"],
                 "prepare_seconds": self.prepare_seconds,
                 "versions": version_of("optimum-onnx", "optimum", "transformers", "onnxruntime", "torch")}
@@ -149,6 +150,7 @@ class OptimumRunner:
             return
         began = time.perf_counter()
         try:
+            self.onnx_dir.mkdir(parents=True, exist_ok=True)
             model = ORTModelForCausalLM.from_pretrained(str(self.hf_dir), export=True, use_cache=True)
             model.save_pretrained(str(self.onnx_dir))
         except Exception as e:  # any failure of a third-party exporter is reported, not raised
@@ -163,7 +165,7 @@ class OptimumRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         self.model = ORTModelForCausalLM.from_pretrained(str(self.onnx_dir), session_options=options,
-                                                         provider="CPUExecutionProvider", use_cache=True)
+                                                         provider=ORT_PROVIDERS[self.provider], use_cache=True)
         # Time every forward call: the first of a generation is the prefill, the rest decode steps.
         self._forward_s = []
         forward = self.model.forward
@@ -199,7 +201,7 @@ class OptimumRunner:
                             pad_token_id=self.config.get("pad_token_id", 0), streamer=Clock())
         steps = marks[1:]  # marks[0] is the prompt, before any forward pass
         return Trace(total_s=steps[-1] - began, ttft_s=steps[0] - began, prefill_s=self._forward_s[0],
-                     step_s=list(np.diff(steps)), tokens_per_step=1, new_tokens=len(steps),
+                     step_s=np.diff(steps).tolist(), tokens_per_step=1, new_tokens=len(steps),
                      graphs_s={"model": sum(self._forward_s[1:])})
 
 
@@ -208,14 +210,20 @@ class GenaiRunner:
 
     name = "onnxruntime-genai"
 
-    def __init__(self, hf_dir, work_dir):
-        self.hf_dir, self.model_dir = Path(hf_dir), Path(work_dir) / "genai-fp32-cpu"
+    def __init__(self, hf_dir, work_dir, provider="cpu"):
+        # On a GPU genai's builder makes an fp16 CUDA model (its TensorRT path is another EP,
+        # NvTensorRtRtx, so "tensorrt" runs the CUDA model too); on the CPU fp32.
+        self.provider = provider
+        self.precision, self.target = ("fp32", "cpu") if provider == "cpu" else ("fp16", "cuda")
+        self.hf_dir = Path(hf_dir)
+        self.model_dir = Path(work_dir) / f"genai-{self.precision}-{self.target}"
         self.config = json.loads((self.hf_dir / "config.json").read_text())
         self.model, self.prepare_seconds = None, None
 
     def describe(self):
         return {"runner": "onnxruntime-genai", "kind": "ar", "hf_checkpoint": str(self.hf_dir),
-                "model_dir": str(self.model_dir), "chunk_size": 1,
+                "model_dir": str(self.model_dir), "chunk_size": 1, "provider": self.provider,
+                "precision": self.precision, "builder_target": self.target,
                 "max_context_tokens": self.config["max_position_embeddings"], "prepare_seconds": self.prepare_seconds,
                 "versions": version_of("onnxruntime-genai", "onnxruntime", "onnx-ir", "transformers")}
 
@@ -224,7 +232,7 @@ class GenaiRunner:
 
     def builder_command(self):
         return [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(self.hf_dir), "-o",
-                str(self.model_dir), "-p", "fp32", "-e", "cpu", "-c", str(self.model_dir.parent / "genai-cache")]
+                str(self.model_dir), "-p", self.precision, "-e", self.target, "-c", str(self.model_dir.parent / "genai-cache")]
 
     def prepare(self):
         try:
@@ -238,6 +246,7 @@ class GenaiRunner:
             self.prepare_seconds = 0.0
             return
         began = time.perf_counter()
+        self.model_dir.mkdir(parents=True, exist_ok=True)
         done = subprocess.run(self.builder_command(), capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -250,6 +259,9 @@ class GenaiRunner:
         import onnxruntime_genai as og
 
         config = og.Config(str(self.model_dir))
+        if self.target == "cuda":
+            config.clear_providers()
+            config.append_provider("cuda")
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {
             "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
         self.model = og.Model(config)
@@ -274,16 +286,18 @@ class GenaiRunner:
             marks.append(time.perf_counter())
         del generator
         return Trace(total_s=marks[-1] - began, ttft_s=marks[0] - began, prefill_s=prefill,
-                     step_s=list(np.diff(marks)), tokens_per_step=1, new_tokens=len(marks))
+                     step_s=np.diff(marks).tolist(), tokens_per_step=1, new_tokens=len(marks))
 
 
 PEERS = {"optimum": OptimumRunner, "ort-genai": GenaiRunner}
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
 def make_runner(spec):
     """A runner from its spec: {"type": "package", "path"} or {"type": "optimum" | "ort-genai", "hf", "work_dir"}."""
+    provider = spec.get("provider", "cpu")
     if spec["type"] == "package":
-        return PackageRunner(spec["path"], candidates=spec.get("candidates", 16))
+        return PackageRunner(spec["path"], candidates=spec.get("candidates", 16), provider=provider)
     if spec["type"] in PEERS:
-        return PEERS[spec["type"]](spec["hf"], spec["work_dir"])
+        return PEERS[spec["type"]](spec["hf"], spec["work_dir"], provider=provider)
     raise CalmEdgeError(f"unknown peer {spec['type']!r}; choose one of: {', '.join(PEERS)}")
