@@ -21,7 +21,6 @@ import statistics
 import time
 from pathlib import Path
 
-from calm_edge.runtime import generator as generator_module
 from calm_edge.runtime.generator import GeneratorParams, iterate_steps
 from calm_edge.runtime.model import Model
 from calm_edge.runtime.sampling import TemperatureSampler, batch_choice

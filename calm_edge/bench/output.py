@@ -95,6 +95,9 @@ def plot_throughput(report, path):
                 ax.plot(*zip(*points), marker="o", label=runner["name"])
         ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="decode tokens/s",
                title=f"prompt {prompt}, T={temperature:g}, {threads} threads" if prompt else "no results")
+        batches = sorted({c["batch"] for c in cells})
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
         ax.grid(alpha=0.3, which="both")
     if axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend(fontsize=7)

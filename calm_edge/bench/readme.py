@@ -40,7 +40,13 @@ def section(report, results_path, repo):
         if runner["status"] != "ok":
             lines.append(f"| {runner['name']} | | | **{runner['status']}**: {runner['reason']} | | | | | |")
             continue
-        for c in _headline_cells(runner):
+        headline = _headline_cells(runner)
+        if not headline:  # every batch-1, T = 1 cell failed or was skipped: say why
+            notes = [c.get("error") or c.get("skipped") for c in runner["cells"].values()
+                     if c["cell"]["batch"] == 1 and c["cell"]["temperature"] == 1.0]
+            lines.append(f"| {runner['name']} | | | **not measured**: {notes[0] if notes else 'no batch-1, T=1 cell'} "
+                         "| | | | | |")
+        for c in headline:
             lines.append(
                 f"| {runner['name']} | {c['cell']['prompt_tokens']} | {c['cell']['threads']} | "
                 f"{_fmt(c['decode_tokens_per_s']['median'])} | {_fmt(c['token_ms']['median'], 3)} / "
