@@ -3,8 +3,9 @@
     python benchmarks/bench.py small --calm-run runs/calm_small --ar-run runs/ar_small
     python benchmarks/bench.py paper-dims --tokenizer runs/tok
 
-Each prepares what is missing (model packages, the AR's Hugging Face folder; for paper-dims the
-random-weight checkpoints first), then runs `calm-edge bench` over the full matrix with both
+Each prepares what is missing (model packages, the AR's Hugging Face folder; for small a copy of
+the AR run with a 1,024-token context, since its trained 512 cannot hold the matrix's 512-token
+prompt and 256 new tokens; for paper-dims the random-weight checkpoints first), then runs `calm-edge bench` over the full matrix with both
 peers, writing benchmarks/results/bench_<suite>.json (+ .csv and plots). Existing packages and
 folders under --work are reused, so a rerun only measures.
 
@@ -83,6 +84,9 @@ def main():
     parser.add_argument("suite", choices=["small", "paper-dims"])
     parser.add_argument("--calm-run", default="runs/calm", help="small: the trained CALM run.")
     parser.add_argument("--ar-run", default="runs/ar", help="small: the trained AR run.")
+    parser.add_argument("--ar-context", type=int, default=1024,
+                        help="small: export the AR with this context (tokens; its 512 cannot hold the 512-token "
+                             "prompt and 256 new tokens; rotary positions, same weights); 0 keeps the trained one.")
     parser.add_argument("--tokenizer", default="runs/tok", help="paper-dims: the tokenizer to pad to the vocabularies.")
     parser.add_argument("--layers", type=int, default=None, help="paper-dims: fewer layers, for a quick check.")
     parser.add_argument("--work", default=None, help="Where packages and converted models go (default bench-work/SUITE).")
@@ -94,7 +98,15 @@ def main():
     if args.suite == "small":
         work = Path(args.work)
         export(args.calm_run, "calm", work / "packages" / "calm-small")
-        export(args.ar_run, "ar", work / "packages" / "ar-small", work / "hf" / "ar-small")
+        ar_run = args.ar_run
+        if args.ar_context:  # same weights, a context that holds a 512-token prompt and 256 new tokens
+            ar_run = work / "runs" / f"ar-small-ctx{args.ar_context}"
+            if not ar_run.exists():
+                from calm_edge.export.random_weights import widened_checkpoint
+
+                print(f"+ {args.ar_run} with a context of {args.ar_context} tokens -> {ar_run}", flush=True)
+                widened_checkpoint(args.ar_run, ar_run, args.ar_context)
+        export(ar_run, "ar", work / "packages" / "ar-small", work / "hf" / "ar-small")
         packages, hf_dirs = [work / "packages" / "calm-small", work / "packages" / "ar-small"], [work / "hf" / "ar-small"]
     else:
         packages, hf_dirs = paper_dims(args)

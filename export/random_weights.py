@@ -1,4 +1,4 @@
-"""Untrained models of any preset's dimensions, as checkpoints that export like trained ones.
+"""Checkpoints for speed measurements: untrained models of any preset's dimensions, wider contexts.
 
 Speed does not depend on trained weights, so the benchmark measures packages of the paper's
 dimensions (`--preset base`) without training them: `random_checkpoint` builds the CALM or AR
@@ -78,4 +78,32 @@ def random_checkpoint(config, kind, tokenizer, out, seed=0, force=False):
         if out.exists():
             checkpoint.remove_folder(out)
         checkpoint.save_checkpoint(out, 0, kind, config, model, info, {}, files={checkpoint.TOKENIZER_FILE: padded})
+    return out
+
+
+def widened_checkpoint(source, out, max_positions, force=False):
+    """A copy of the checkpoint at `source` whose backbone context is `max_positions`, for speed runs.
+
+    The backbones use rotary positions computed on the fly, so the context is a number in the
+    config and no weight depends on it: the copy holds the very same weights. The benchmark needs
+    it where the issue's matrix (a 512-token prompt and 256 new tokens) passes a trained model's
+    context, e.g. the `small` AR's 512 tokens; what the model would generate past its trained
+    context does not matter for speed. trainer.json records the original context.
+    """
+    from calm_edge.training import checkpoint
+    from calm_edge.training.language_models import load_language_model
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise CalmEdgeError(f"{out} already exists; pass --force to replace it or choose another --out")
+    model, saved = load_language_model(source)
+    section = saved.config.calm if saved.kind == "calm" else saved.config.ar
+    original = section.backbone.max_positions
+    config = saved.config.with_overrides([f"{saved.kind}.backbone.max_positions={max_positions}"])
+    info = {**{k: v for k, v in saved.trainer.items() if k not in ("sha256", "kind", "step")},
+            "context_widened_from": original, "source_checkpoint": str(saved.folder)}
+    if out.exists():
+        checkpoint.remove_folder(out)
+    checkpoint.save_checkpoint(out, saved.trainer.get("step", 0), saved.kind, config, model, info, {},
+                               files={checkpoint.TOKENIZER_FILE: saved.tokenizer_path})
     return out
