@@ -20,6 +20,7 @@ runtime preallocates the key/value cache for the whole context; speed does not d
 `--quick` shrinks the matrix; neither writes to benchmarks/results unless --out says so.
 """
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,8 @@ def main():
                "--peer", "optimum", "--peer", "ort-genai", "--work-dir", Path(args.work) / "peers", "--out", out]
     if TEXT.is_file():
         command += ["--text", TEXT]
+    # The report records this script's command line, the one that reproduces the whole measurement.
+    os.environ["CALM_EDGE_BENCH_COMMAND"] = " ".join(["python", "benchmarks/bench.py", *sys.argv[1:]])
     calm_edge(*command, *(QUICK if args.quick else []), *args.bench_args)
 
 

@@ -178,7 +178,7 @@ def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-wo
     report = {
         "benchmark": "calm-edge bench",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["calm-edge", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv),
+        "command": _command_line(),
         "provider": provider,
         "machine": {"cpu_cores": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "platform": platform.platform(), "python": platform.python_version()},
@@ -191,6 +191,15 @@ def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-wo
     }
     output.write_all(report, out)
     return report
+
+
+def _command_line():
+    """What to run to measure again: the suite script's command when it started us, else ours."""
+    if os.environ.get("CALM_EDGE_BENCH_COMMAND"):
+        return os.environ["CALM_EDGE_BENCH_COMMAND"]
+    if sys.argv[1:2] == ["bench"]:
+        return " ".join(["calm-edge", "bench", *sys.argv[2:]])
+    return " ".join(sys.argv)
 
 
 def _assemble_runner(spec, records, failure, manifests, several_hf):
