@@ -17,7 +17,8 @@ The contexts are cut to what the matrix needs (prompt 512 + 256 new tokens), bec
 runtime preallocates the key/value cache for the whole context; speed does not depend on it.
 
 `--layers N` builds the same widths with N layers (a quick end-to-end check of the path), and
-`--quick` shrinks the matrix; neither writes to benchmarks/results unless --out says so.
+`--quick` shrinks the matrix; neither writes to benchmarks/results unless --out says so. Options
+after `--` go to `calm-edge bench` unchanged (e.g. `-- --provider cuda --threads 1`).
 """
 import argparse
 import os
@@ -93,8 +94,10 @@ def main():
     parser.add_argument("--work", default=None, help="Where packages and converted models go (default bench-work/SUITE).")
     parser.add_argument("--quick", action="store_true", help="A small matrix (a check that everything runs).")
     parser.add_argument("--out", default=None, help="Report JSON (default benchmarks/results/bench_<suite>.json).")
-    parser.add_argument("bench_args", nargs="*", help="More `calm-edge bench` options, after --.")
-    args = parser.parse_args()
+    # Anything after `--` goes to `calm-edge bench` as it is (e.g. -- --provider cuda --threads 1).
+    argv = sys.argv[1:]
+    bench_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.work = args.work or f"bench-work/{args.suite}"
     if args.suite == "small":
         work = Path(args.work)
@@ -120,7 +123,7 @@ def main():
         command += ["--text", TEXT]
     # The report records this script's command line, the one that reproduces the whole measurement.
     os.environ["CALM_EDGE_BENCH_COMMAND"] = " ".join(["python", "benchmarks/bench.py", *sys.argv[1:]])
-    calm_edge(*command, *(QUICK if args.quick else []), *args.bench_args)
+    calm_edge(*command, *(QUICK if args.quick else []), *bench_args)
 
 
 if __name__ == "__main__":
