@@ -29,7 +29,11 @@ EXTRAS = {
     "quantize": ["onnx>=1.16", "onnx-ir>=0.1"],
     # Peer runtimes and plotting for `calm-edge bench`; transformers loads the Hugging Face export
     # (`calm-edge export --format hf`) to validate it and to feed the peers.
-    "bench": ["matplotlib>=3.7", "psutil>=5.9", "transformers>=4.45", "sentencepiece>=0.1.99"],
+    # optimum-onnx 0.1 (optimum's ONNX Runtime backend) pins transformers below 4.58, and the model
+    # builder of onnxruntime-genai 0.15 and later imports model classes of transformers 5, so the
+    # two peers install together only with onnxruntime-genai 0.14; its builder needs onnx-ir.
+    "bench": ["matplotlib>=3.7", "psutil>=5.9", "transformers>=4.45", "sentencepiece>=0.1.99",
+              "optimum-onnx>=0.1", "onnxruntime-genai>=0.14.1,<0.15", "onnx-ir>=0.1"],
     # GPU machines: onnxruntime-gpu provides the same `onnxruntime` module as the CPU wheel.
     # The two must not be installed together; README.md shows the install that swaps them.
     "gpu": ["onnxruntime-gpu>=1.17"],
@@ -48,6 +52,7 @@ setup(
     packages=[
         "calm_edge",
         "calm_edge.models",
+        "calm_edge.bench",
         "calm_edge.training",
         "calm_edge.export",
         "calm_edge.runtime",

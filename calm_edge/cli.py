@@ -625,5 +625,59 @@ def generate_command(package_dir, checkpoint, prompt, max_new_tokens, temperatur
     click.echo()
 
 
+# ----- benchmarks -----------------------------------------------------------------------------
+
+
+@main.command("bench")
+@click.option("--package", "packages", multiple=True, type=click.Path(),
+              help="Model package to measure, CALM or AR (repeatable).")
+@click.option("--peer", "peers", multiple=True, type=click.Choice(["optimum", "ort-genai"]),
+              help="Also run the AR weights of --hf through optimum or onnxruntime-genai (repeatable).")
+@click.option("--hf", "hf_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="The AR baseline as a Hugging Face folder (calm-edge export --ar RUN --format hf), for --peer "
+                   "(repeatable: each peer runs each folder).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Report JSON; the CSV and PNG plots are written beside it.")
+@click.option("--prompt-lengths", default="64,512", show_default=True, help="Prompt lengths in tokens.")
+@click.option("--new-tokens", default="256", show_default=True, help="New tokens per sequence.")
+@click.option("--batch-sizes", default="1,4,16", show_default=True)
+@click.option("--threads", default="1,2", show_default=True, help="ONNX Runtime intra-op threads.")
+@click.option("--temperatures", default="1,1/2", show_default=True, help="T = 1/n values.")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per cell (median, p90, p99).")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs per cell first.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--candidates", type=int, default=16, show_default=True,
+              help="CALM's batch approximation at T < 1: chunks drawn per step.")
+@click.option("--text", type=click.Path(dir_okay=False), default=None,
+              help="JSONL documents to cut the prompts from (default: built-in prose).")
+@click.option("--work-dir", type=click.Path(file_okay=False), default="bench-work", show_default=True,
+              help="Peers' converted models and the workers' logs (reused between runs).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="Execution provider of every runner (GPU: see benchmarks/README.md; keep its results apart).")
+@click.pass_context
+def bench_command(ctx, packages, peers, hf_dirs, out, prompt_lengths, new_tokens, batch_sizes, threads, temperatures,
+                  repeats, warmup, seed, candidates, text, work_dir, provider):
+    """Measure latency, throughput and memory of packages and peer runtimes on the same prompts.
+
+    Example: calm-edge bench --package packages/calm-small --package packages/ar-small
+    --hf hf/ar-small --peer optimum --peer ort-genai --out benchmarks/results/bench_small.json
+    """
+    from calm_edge.bench.harness import run_bench
+
+    matrix = {"prompt_lengths": prompt_lengths, "new_tokens": new_tokens, "batch_sizes": batch_sizes,
+              "threads": threads, "temperatures": temperatures}
+    report = run_bench(packages=packages, peers=peers, hf=hf_dirs, out=out, work_dir=work_dir, repeats=repeats,
+                       warmup=warmup, seed=seed, candidates=candidates, text=text, matrix_options=matrix,
+                       provider=provider, progress=_progress(ctx), log=log.info)
+    for runner in report["runners"]:
+        if runner["status"] != "ok":
+            click.echo(f"{runner['name']}: {runner['status']}: {runner['reason']}", err=True)
+    for row in report["comparisons"]:
+        if row.get("ratio") is not None and row["cell"].endswith("-T1") and "-b1-" in row["cell"]:
+            click.echo(f"{row['cell']}: {row['calm']} / {row['ar']}: {row['ratio']}x decode tokens/s "
+                       f"(ideal {row['ideal_ratio']}x)")
+    click.echo(f"-> {out} (+ .csv, _throughput.png, _latency.png, _split.png)")
+
+
 if __name__ == "__main__":
     main()

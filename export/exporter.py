@@ -58,6 +58,8 @@ def provenance(saved):
         "valid": trainer.get("valid", {}),
         "config": saved.config.to_dict(),
     }
+    if trainer.get("random_weights"):  # an untrained model of some preset's dimensions, for speed only
+        info["random_weights"] = True
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         for key in ("parameters", "training_flops", "inference_flops_per_token", "autoencoder"):

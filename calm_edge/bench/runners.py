@@ -1,0 +1,303 @@
+"""The runners: one way each to generate from the same prompt ids, timed the same way.
+
+Every runner returns a `Trace` per generation: time to the first new tokens, the prompt's forward
+pass (prefill), then the wall time of every later step. A step is whatever the runner emits at
+once: K tokens per sequence for CALM, one for the token-by-token runners. Where the runner
+exposes its graph calls, the decode-phase seconds per graph come too, and what remains of a step
+is the loop's own overhead (sampling, bookkeeping, Python).
+
+- `PackageRunner`: a calm-edge model package (CALM or AR) in calm-edge's runtime.
+- `OptimumRunner`: the AR weights as a Hugging Face folder (`calm-edge export --ar RUN --format hf`),
+  exported by optimum to ONNX and generated with `ORTModelForCausalLM.generate`.
+- `GenaiRunner`: the same folder through onnxruntime-genai's model builder (fp32, cpu) and its
+  generator loop.
+
+Peers sample with their own samplers (full softmax at temperature T, no top-k / top-p), so their
+tokens differ from calm-edge's; the lengths, prompts and batch are identical, and every runner is
+forced to produce exactly the requested number of new tokens (no early end of sequence).
+"""
+import functools
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from calm_edge.errors import CalmEdgeError
+
+
+@dataclass
+class Trace:
+    """The timings of one generation of a batch (seconds)."""
+
+    total_s: float
+    ttft_s: float  # from the call to the first new tokens
+    prefill_s: float  # the prompt's forward pass alone
+    step_s: list  # each step after the first new tokens
+    tokens_per_step: int  # new tokens per sequence per step
+    new_tokens: int  # per sequence
+    graphs_s: dict = field(default_factory=dict)  # decode-phase seconds per graph
+
+
+class PeerUnavailable(Exception):
+    """A peer runtime cannot be installed, imported, converted or run here; the message says why."""
+
+
+def version_of(*distributions):
+    """{distribution: version or "not installed"}."""
+    found = {}
+    for name in distributions:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def fits_context(prompt_tokens, new_tokens, max_context, chunk_size=1):
+    """Whether a prompt and the new tokens fit the context (CALM counts chunks of K tokens)."""
+    return math.ceil(prompt_tokens / chunk_size) + math.ceil(new_tokens / chunk_size) <= max_context
+
+
+class PackageRunner:
+    """A calm-edge model package, CALM or AR, on one execution provider (cpu by default)."""
+
+    def __init__(self, path, candidates=16, provider="cpu"):
+        from calm_edge.runtime import package
+
+        self.path, self.provider = Path(path), provider
+        self.manifest = package.read_manifest(self.path)
+        self.kind = self.manifest["kind"]
+        self.name = f"calm-edge {self.kind} ({self.path.name})"
+        self.candidates = candidates
+        self.model = None
+
+    def describe(self):
+        model = self.manifest["model"]
+        return {"runner": "calm-edge", "kind": self.kind, "package": str(self.path), "provider": self.provider,
+                "chunk_size": model["chunk_size"], "max_context_tokens": model["max_context"] * model["chunk_size"],
+                "quantization": self.manifest["quantization"]["mode"],
+                "versions": version_of("calm-edge", "onnxruntime")}
+
+    def fits(self, cell):
+        model = self.manifest["model"]
+        return fits_context(cell.prompt_tokens, cell.new_tokens, model["max_context"], model["chunk_size"])
+
+    def load(self, threads):
+        from calm_edge.runtime.model import Model
+
+        self.model = Model(self.path, provider=self.provider, threads=threads)
+
+    def generate(self, prompts, new_tokens, temperature, seed):
+        from calm_edge.runtime.generator import GeneratorParams, iterate_steps
+
+        params = GeneratorParams(max_new_tokens=new_tokens, temperature=temperature, seed=seed,
+                                 candidates=self.candidates, stop_at_eos=False)
+        state = self.model.new_state()
+        step_graph = self.model._step_name
+        marks, produced, prefill = [], 0, 0.0
+        began = time.perf_counter()
+        for new_ids in iterate_steps(state, prompts, params):
+            marks.append(time.perf_counter())
+            if len(marks) == 1:
+                # The prefill's graph call is the step graph's only call so far.
+                prefill = state.timings[step_graph]
+                at_first = dict(state.timings)
+            produced += len(new_ids[0])
+        graphs = {name: seconds - at_first[name] for name, seconds in state.timings.items()}
+        return Trace(total_s=marks[-1] - began, ttft_s=marks[0] - began, prefill_s=prefill,
+                     step_s=np.diff(marks).tolist(), tokens_per_step=self.model.chunk_size, new_tokens=produced,
+                     graphs_s=graphs)
+
+
+class OptimumRunner:
+    """The AR weights through optimum's ORTModelForCausalLM (ONNX Runtime, fp32)."""
+
+    name = "optimum"
+
+    def __init__(self, hf_dir, work_dir, provider="cpu"):
+        self.hf_dir, self.onnx_dir, self.provider = Path(hf_dir), Path(work_dir) / "optimum-onnx", provider
+        self.model, self.prepare_seconds = None, None
+        self.config = json.loads((self.hf_dir / "config.json").read_text())
+
+    def describe(self):
+        return {"runner": "optimum", "kind": "ar", "hf_checkpoint": str(self.hf_dir), "onnx_dir": str(self.onnx_dir),
+                "provider": self.provider,
+                "chunk_size": 1, "max_context_tokens": self.config["max_position_embeddings"],
+                "prepare_seconds": self.prepare_seconds,
+                "versions": version_of("optimum-onnx", "optimum", "transformers", "onnxruntime", "torch")}
+
+    def fits(self, cell):
+        return fits_context(cell.prompt_tokens, cell.new_tokens, self.config["max_position_embeddings"])
+
+    def prepare(self):
+        """Export the Hugging Face folder to ONNX once (reused while the folder is unchanged)."""
+        try:
+            from optimum.onnxruntime import ORTModelForCausalLM
+        except ImportError as e:
+            raise PeerUnavailable(f"optimum's ONNX Runtime backend cannot be imported ({e}); "
+                                  "pip install optimum-onnx (see benchmarks/README.md)") from None
+        stamp = self.onnx_dir / "source.json"
+        source = {"config": self.config, "weights_bytes": (self.hf_dir / "model.safetensors").stat().st_size,
+                  "weights_mtime": (self.hf_dir / "model.safetensors").stat().st_mtime}
+        if stamp.is_file() and json.loads(stamp.read_text()) == source:
+            self.prepare_seconds = 0.0
+            return
+        began = time.perf_counter()
+        try:
+            self.onnx_dir.mkdir(parents=True, exist_ok=True)
+            model = ORTModelForCausalLM.from_pretrained(str(self.hf_dir), export=True, use_cache=True)
+            model.save_pretrained(str(self.onnx_dir))
+        except Exception as e:  # any failure of a third-party exporter is reported, not raised
+            raise PeerUnavailable(f"optimum could not export {self.hf_dir} to ONNX: {type(e).__name__}: {e}") from None
+        stamp.write_text(json.dumps(source))
+        self.prepare_seconds = round(time.perf_counter() - began, 2)
+
+    def load(self, threads):
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.model = ORTModelForCausalLM.from_pretrained(str(self.onnx_dir), session_options=options,
+                                                         provider=ORT_PROVIDERS[self.provider], use_cache=True)
+        # Time every forward call: the first of a generation is the prefill, the rest decode steps.
+        self._forward_s = []
+        forward = self.model.forward
+
+        # functools.wraps keeps forward's signature visible: generate() checks its kwargs against it.
+        @functools.wraps(forward)
+        def timed_forward(*args, **kwargs):
+            began = time.perf_counter()
+            out = forward(*args, **kwargs)
+            self._forward_s.append(time.perf_counter() - began)
+            return out
+
+        self.model.forward = timed_forward
+
+    def generate(self, prompts, new_tokens, temperature, seed):
+        import torch
+
+        marks = []
+
+        class Clock:  # transformers calls put() with the prompt, then once per step with the new tokens
+            def put(self, value):
+                marks.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        ids = torch.tensor(prompts, dtype=torch.long)
+        torch.manual_seed(seed)
+        self._forward_s = []
+        began = time.perf_counter()
+        self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
+                            top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            pad_token_id=self.config.get("pad_token_id", 0), streamer=Clock())
+        steps = marks[1:]  # marks[0] is the prompt, before any forward pass
+        return Trace(total_s=steps[-1] - began, ttft_s=steps[0] - began, prefill_s=self._forward_s[0],
+                     step_s=np.diff(steps).tolist(), tokens_per_step=1, new_tokens=len(steps),
+                     graphs_s={"model": sum(self._forward_s[1:])})
+
+
+class GenaiRunner:
+    """The AR weights through onnxruntime-genai: its model builder (fp32, cpu), then its generator loop."""
+
+    name = "onnxruntime-genai"
+
+    def __init__(self, hf_dir, work_dir, provider="cpu"):
+        # On a GPU genai's builder makes an fp16 CUDA model (its TensorRT path is another EP,
+        # NvTensorRtRtx, so "tensorrt" runs the CUDA model too); on the CPU fp32.
+        self.provider = provider
+        self.precision, self.target = ("fp32", "cpu") if provider == "cpu" else ("fp16", "cuda")
+        self.hf_dir = Path(hf_dir)
+        self.model_dir = Path(work_dir) / f"genai-{self.precision}-{self.target}"
+        self.config = json.loads((self.hf_dir / "config.json").read_text())
+        self.model, self.prepare_seconds = None, None
+
+    def describe(self):
+        return {"runner": "onnxruntime-genai", "kind": "ar", "hf_checkpoint": str(self.hf_dir),
+                "model_dir": str(self.model_dir), "chunk_size": 1, "provider": self.provider,
+                "precision": self.precision, "builder_target": self.target,
+                "max_context_tokens": self.config["max_position_embeddings"], "prepare_seconds": self.prepare_seconds,
+                "versions": version_of("onnxruntime-genai", "onnxruntime", "onnx-ir", "transformers")}
+
+    def fits(self, cell):
+        return fits_context(cell.prompt_tokens, cell.new_tokens, self.config["max_position_embeddings"])
+
+    def builder_command(self):
+        return [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(self.hf_dir), "-o",
+                str(self.model_dir), "-p", self.precision, "-e", self.target, "-c", str(self.model_dir.parent / "genai-cache")]
+
+    def prepare(self):
+        try:
+            import onnxruntime_genai  # noqa: F401
+        except ImportError as e:
+            raise PeerUnavailable(f"onnxruntime-genai cannot be imported ({e}); pip install onnxruntime-genai "
+                                  "(see benchmarks/README.md for the version that works with optimum-onnx)") from None
+        stamp = self.model_dir / "source.json"
+        source = {"config": self.config, "weights_mtime": (self.hf_dir / "model.safetensors").stat().st_mtime}
+        if stamp.is_file() and json.loads(stamp.read_text()) == source:
+            self.prepare_seconds = 0.0
+            return
+        began = time.perf_counter()
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(self.builder_command(), capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise PeerUnavailable(f"onnxruntime-genai's model builder failed on {self.hf_dir} "
+                                  f"(exit {done.returncode}): {last[0]}")
+        stamp.write_text(json.dumps(source))
+        self.prepare_seconds = round(time.perf_counter() - began, 2)
+
+    def load(self, threads):
+        import onnxruntime_genai as og
+
+        config = og.Config(str(self.model_dir))
+        if self.target == "cuda":
+            config.clear_providers()
+            config.append_provider("cuda")
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+        self.model = og.Model(config)
+
+    def generate(self, prompts, new_tokens, temperature, seed):
+        import onnxruntime_genai as og
+
+        length = len(prompts[0]) + new_tokens
+        params = og.GeneratorParams(self.model)
+        # top_k 0 and top_p 1 make genai sample from the whole softmax at temperature T;
+        # min_length keeps it from stopping at end of sequence.
+        params.set_search_options(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_length=length,
+                                  min_length=length, batch_size=len(prompts), random_seed=seed)
+        generator = og.Generator(self.model, params)
+        began = time.perf_counter()
+        generator.append_tokens(np.asarray(prompts, dtype=np.int32))
+        prefill = time.perf_counter() - began
+        marks = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            generator.get_next_tokens()
+            marks.append(time.perf_counter())
+        del generator
+        return Trace(total_s=marks[-1] - began, ttft_s=marks[0] - began, prefill_s=prefill,
+                     step_s=np.diff(marks).tolist(), tokens_per_step=1, new_tokens=len(marks))
+
+
+PEERS = {"optimum": OptimumRunner, "ort-genai": GenaiRunner}
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def make_runner(spec):
+    """A runner from its spec: {"type": "package", "path"} or {"type": "optimum" | "ort-genai", "hf", "work_dir"}."""
+    provider = spec.get("provider", "cpu")
+    if spec["type"] == "package":
+        return PackageRunner(spec["path"], candidates=spec.get("candidates", 16), provider=provider)
+    if spec["type"] in PEERS:
+        return PEERS[spec["type"]](spec["hf"], spec["work_dir"], provider=provider)
+    raise CalmEdgeError(f"unknown peer {spec['type']!r}; choose one of: {', '.join(PEERS)}")
