@@ -92,8 +92,11 @@ def evaluate_brierlm(model, pairs, seed=0, batch_size=32, progress=True, samples
 
 
 def evaluate_checkpoint(path, sources, context=256, stride=32, max_positions=2000, offsets=(0,), seed=0,
-                        text_field="text", detokenize="none", batch_size=32, progress=True):
-    """BrierLM of a trained CALM or AR checkpoint on `sources`, at each partial-chunk offset."""
+                        text_field="text", detokenize="none", batch_size=32, progress=True, samples=None):
+    """BrierLM of a trained CALM or AR checkpoint on `sources`, at each partial-chunk offset.
+
+    `samples`: see `evaluate_brierlm` (all offsets' draws, in order).
+    """
     from calm_edge.generate import TorchBackend
     from calm_edge.tokenizer import Tokenizer
     from calm_edge.training.language_models import load_language_model
@@ -103,17 +106,17 @@ def evaluate_checkpoint(path, sources, context=256, stride=32, max_positions=200
     K = saved.config.autoencoder.chunk_size
     limit = context_limit(TorchBackend(model).max_context, K, saved.kind)
     result = _evaluate_offsets(model, tokenizer, K, limit, sources, context, stride, max_positions, offsets, seed,
-                               text_field, detokenize, batch_size, progress)
+                               text_field, detokenize, batch_size, progress, samples)
     return {"kind": saved.kind, "checkpoint": str(saved.folder), "step": saved.trainer.get("step"), **result}
 
 
 def evaluate_package(model, sources, context=256, stride=32, max_positions=2000, offsets=(0,), seed=0,
-                     text_field="text", detokenize="none", batch_size=32, progress=True):
-    """BrierLM of a model package, opened as a runtime `Model`, through its ONNX graphs."""
+                     text_field="text", detokenize="none", batch_size=32, progress=True, samples=None):
+    """BrierLM of a model package, opened as a runtime `Model`, through its ONNX graphs (`samples`: as above)."""
     K = position_chunk_size(model.manifest)
     limit = context_limit(model.max_context, K, model.kind)
     return _evaluate_offsets(model, model.tokenizer, K, limit, sources, context, stride, max_positions, offsets, seed,
-                             text_field, detokenize, batch_size, progress)
+                             text_field, detokenize, batch_size, progress, samples)
 
 
 def position_chunk_size(manifest):
@@ -128,7 +131,7 @@ def position_chunk_size(manifest):
 
 
 def _evaluate_offsets(model, tokenizer, K, limit, sources, context, stride, max_positions, offsets, seed, text_field,
-                      detokenize, batch_size, progress):
+                      detokenize, batch_size, progress, samples=None):
     from calm_edge.evaldata import load_eval_tokens
 
     tokens, described = load_eval_tokens(sources, tokenizer, text_field=text_field, detokenize=detokenize,
@@ -138,7 +141,8 @@ def _evaluate_offsets(model, tokenizer, K, limit, sources, context, stride, max_
     results = {}
     for offset in offsets:
         pairs = eval_positions([tokens.tolist()], K, context, stride, max_positions, offset=offset)
-        results[str(offset)] = evaluate_brierlm(model, pairs, seed=seed, batch_size=batch_size, progress=progress)
+        results[str(offset)] = evaluate_brierlm(model, pairs, seed=seed, batch_size=batch_size, progress=progress,
+                                                samples=samples)
     main = results[str(offsets[0])]
     return {
         "data": described,

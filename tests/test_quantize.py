@@ -8,16 +8,13 @@ from click.testing import CliRunner
 
 from calm_edge.cli import main
 from calm_edge.errors import CalmEdgeError
-from calm_edge.evaldata import load_eval_tokens
-from calm_edge.evaluate import (eval_positions, evaluate_brierlm, evaluate_checkpoint, evaluate_package,
-                                position_chunk_size)
+from calm_edge.evaluate import evaluate_checkpoint, evaluate_package
 from calm_edge.export.quantize import quantize_package
 from calm_edge.export.quantizers import MODES
 from calm_edge.runtime import package
 from calm_edge.runtime.generator import GeneratorParams
 from calm_edge.runtime.model import Model
 from calm_edge.runtime.text_generation import generate
-from calm_edge.training.language_models import load_language_model
 
 # Few positions keep the tests fast; the estimator's error at this size is stated where used.
 POSITIONS = dict(context=32, stride=16, max_positions=64)
@@ -121,22 +118,13 @@ def test_brierlm_through_the_package_agrees_with_pytorch(packages, trained_runs,
     finer than one flipped sample, 2/64, so it is not the yardstick.) We require the difference
     to lie within that error, at least 95% of the sampled continuations to be identical, and each
     Brier-n to differ by no more than the non-identical positions can explain (2/64 each)."""
-    runtime_model = Model(packages[kind])
-    torch_model, _ = load_language_model(trained_runs[kind])
-    runtime = evaluate_package(runtime_model, [corpus_jsonl], progress=False, **POSITIONS)
-    reference = evaluate_checkpoint(trained_runs[kind], [corpus_jsonl], progress=False, **POSITIONS)
+    drawn_runtime, drawn_reference = [], []
+    runtime = evaluate_package(Model(packages[kind]), [corpus_jsonl], progress=False, samples=drawn_runtime, **POSITIONS)
+    reference = evaluate_checkpoint(trained_runs[kind], [corpus_jsonl], progress=False, samples=drawn_reference,
+                                    **POSITIONS)
     assert runtime["positions"] == reference["positions"]
     positions = runtime["by_offset"]["0"]["positions"]["1"]
-    assert positions == POSITIONS["max_positions"]
-
-    tokens, _ = load_eval_tokens([corpus_jsonl], runtime_model.tokenizer)
-    # AR positions are laid out with the autoencoder's K, as evaluate_checkpoint does.
-    K = position_chunk_size(runtime_model.manifest)
-    pairs = eval_positions([tokens.tolist()], K, runtime["positions"]["context_tokens"],
-                           POSITIONS["stride"], POSITIONS["max_positions"])
-    drawn_runtime, drawn_reference = [], []
-    evaluate_brierlm(runtime_model, pairs, progress=False, samples=drawn_runtime)
-    evaluate_brierlm(torch_model, pairs, progress=False, samples=drawn_reference)
+    assert positions == POSITIONS["max_positions"] == len(drawn_runtime) == len(drawn_reference)
     differing = sum(a != b for a, b in zip(drawn_runtime, drawn_reference))
     assert differing <= 0.05 * positions
     for n in (1, 2, 3, 4):
