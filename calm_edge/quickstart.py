@@ -66,17 +66,25 @@ class QuickstartSettings:
     bench_new_tokens: int = 128
     bench_repeats: int = 3
     threads: int = 0  # ONNX Runtime threads for evaluation and benchmark; 0: one per core
+    # torch threads for training; 0: torch's default (one per core). Models as small as the tiny
+    # preset's gain little from a second thread, and on a busy machine threads that wait for each
+    # other make a run many times slower.
+    train_threads: int = 0
     seed: int = 0
 
     def to_dict(self):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def outputs_dict(self):
+        """The settings that change what the stages produce: all but thread counts."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("threads", "train_threads")}
 
 
 # The quickstart's own settings per preset: config overrides applied on top of the preset (before
 # the user's --config/--set), and the settings above. The tiny preset trains 300 steps per model;
 # measured on this 2-core CPU (see README), the tiny quickstart then takes about N minutes.
 QUICKSTART_PRESETS = {
-    "tiny": ([], QuickstartSettings()),
+    "tiny": ([], QuickstartSettings(train_threads=1)),
     "small": ([], QuickstartSettings(max_characters=0, valid_fraction=0.01, eval_positions=1000, eval_context=256,
                                      bench_new_tokens=256)),
     "base": ([], QuickstartSettings(max_characters=0, valid_fraction=0.01, eval_positions=2000, eval_context=512,
@@ -115,7 +123,7 @@ class Run:
     def describe(self):
         """What `quickstart.json` records, and what a re-run must match."""
         return {"preset": self.preset_name, "data": [str(d) for d in self.data], "text_field": self.text_field,
-                "config": self.config.to_dict(), "settings": self.settings.to_dict()}
+                "config": self.config.to_dict(), "settings": self.settings.outputs_dict()}
 
 
 # ----- optional parts ------------------------------------------------------------------------
@@ -209,13 +217,19 @@ def _train(run, ctx, train, *inputs):
     """Train one model into the stage folder: continue from its newest checkpoint unless forced."""
     from calm_edge.training import checkpoint
 
+    import torch
+
     resume = bool(checkpoint.list_checkpoints(ctx.folder)) and not ctx.force
     if resume:
         log.info("continuing %s from its newest checkpoint", ctx.folder)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(run.settings.train_threads or threads)
     try:
         return train(run.config, *inputs, ctx.folder, resume=resume, force=not resume, progress=ctx.progress)
     except ConfigError as e:
         raise ConfigError(f"{e}; or pass --force to run the quickstart again from scratch") from None
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's setting as it was
 
 
 def _autoencoder(run, ctx):

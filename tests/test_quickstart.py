@@ -22,7 +22,7 @@ QUICK_SETS = ["tokenizer.vocab_size=512", "calm.backbone.max_positions=64", "ar.
 QUICK_SETTINGS = QuickstartSettings(
     max_characters=120_000, valid_fraction=0.1, min_valid_tokens=200, reconstruction_tokens=2_000,
     eval_positions=8, eval_context=32, sample_prompts=("In the beginning", "The river"), sample_tokens=8,
-    bench_prompt_tokens=16, bench_new_tokens=16, bench_repeats=1, threads=1,
+    bench_prompt_tokens=16, bench_new_tokens=16, bench_repeats=1, threads=1, train_threads=1,
 )
 STAGE_MARKERS = ["corpus/corpus.json", "tokenizer/tokenizer.json", "shards/index.json",
                  "autoencoder/reconstruction.json", "calm/run_summary.json", "ar/run_summary.json",
@@ -112,7 +112,7 @@ def test_interrupted_quickstart_resumes(corpus_jsonl, tmp_path, monkeypatch):
         quickstart(out, corpus_jsonl)
     monkeypatch.setattr(Trainer, "_save", save)
     assert not (out / "calm" / "run_summary.json").exists()
-    assert [c.name for c in (out / "calm" / "checkpoints").iterdir()] == ["step_10"]
+    assert [c.name for c in (out / "calm" / "checkpoints").iterdir()] == [f"step_{10:08d}"]
 
     # 3. The re-run skips the finished stages and continues the CALM training from step 10.
     restored = []
@@ -124,7 +124,7 @@ def test_interrupted_quickstart_resumes(corpus_jsonl, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "_restore", recording_restore)
     summary, printed = quickstart(out, corpus_jsonl)
-    assert restored == [("calm", "step_10")]
+    assert restored == [("calm", f"step_{10:08d}")]
     for stage in ("corpus", "tokenizer", "data", "autoencoder"):
         assert summary["stages"][stage]["status"] == "skipped", stage
         assert f"] {stage}: already finished" in printed
