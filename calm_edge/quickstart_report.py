@@ -154,7 +154,8 @@ def plot(summary, path):
         heights = [0 if v is None else v * scale for v in values]
         bars = axis.bar(names, heights, color=colors)
         for bar, value in zip(bars, values):
-            label = "n/a" if value is None else f"{value * scale:.3g}"
+            label = "n/a" if value is None else (f"{value * scale:,.0f}" if value * scale >= 100
+                                                 else f"{value * scale:.3g}")
             axis.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                           fontsize=8)
     speedup = summary["calm_over_ar_speedup"]

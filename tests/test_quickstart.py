@@ -22,7 +22,7 @@ QUICK_SETS = ["tokenizer.vocab_size=512", "calm.backbone.max_positions=64", "ar.
 QUICK_SETTINGS = QuickstartSettings(
     max_characters=120_000, valid_fraction=0.1, min_valid_tokens=200, reconstruction_tokens=2_000,
     eval_positions=8, eval_context=32, sample_prompts=("In the beginning", "The river"), sample_tokens=8,
-    bench_prompt_tokens=16, bench_new_tokens=16, bench_repeats=1, threads=1, train_threads=1,
+    bench_prompt_tokens=16, bench_new_tokens=16, bench_repeats=1, threads=1, torch_threads=1,
 )
 STAGE_MARKERS = ["corpus/corpus.json", "tokenizer/tokenizer.json", "shards/index.json",
                  "autoencoder/reconstruction.json", "calm/run_summary.json", "ar/run_summary.json",
