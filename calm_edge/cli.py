@@ -504,9 +504,10 @@ def generate_command(package_dir, checkpoint, prompt, max_new_tokens, temperatur
 @click.option("--force", is_flag=True, help="Run every stage again, replacing the outputs already in --out.")
 @click.option("--max-characters", type=int, default=None,
               help="Read whole documents of --data up to this many characters (default: the preset's; 0: all).")
+@click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text.")
 @config_options
 @click.pass_context
-def quickstart_command(ctx, data, out, force, max_characters, preset, config_file, overrides):
+def quickstart_command(ctx, data, out, force, max_characters, text_field, preset, config_file, overrides):
     """The whole pipeline in one command: tokenizer, autoencoder, CALM and AR models, packages,
     quantization, BrierLM, samples and a CALM-vs-AR speed benchmark. A re-run skips finished stages.
 
@@ -522,7 +523,7 @@ def quickstart_command(ctx, data, out, force, max_characters, preset, config_fil
     if max_characters is not None:
         settings = dataclasses.replace(settings, max_characters=max_characters)
     run_quickstart(out, preset, data or DEFAULT_DATA, config_file=config_file, overrides=overrides, settings=settings,
-                   force=force, progress=_progress(ctx), echo=click.echo)
+                   text_field=text_field, force=force, progress=_progress(ctx), echo=click.echo)
 
 
 if __name__ == "__main__":

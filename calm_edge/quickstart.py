@@ -163,7 +163,7 @@ def _corpus(run, ctx):
     from calm_edge.data import is_valid_document, iter_documents
 
     limit = run.settings.max_characters
-    documents, characters, held_out = 0, 0, 0
+    documents, characters, held_out, truncated = 0, 0, 0, False
     with atomic_output_dir(ctx.folder, force=True, what="corpus slice") as tmp:
         with open(tmp / "corpus.jsonl", "w", encoding="utf-8") as f:
             for document in iter_documents(run.data, text_field=run.text_field, progress=ctx.progress,
@@ -172,6 +172,7 @@ def _corpus(run, ctx):
                     continue
                 text = document.text
                 if limit and characters + len(text) > limit:
+                    truncated = True
                     if documents:
                         break
                     text = text[:limit]  # one huge document (a whole .txt file): keep its start
@@ -189,7 +190,7 @@ def _corpus(run, ctx):
             )
         write_json_atomic(tmp / "corpus.json", {
             "sources": [str(d) for d in run.data], "documents": documents, "characters": characters,
-            "held_out_documents": held_out, "max_characters": limit, "truncated": bool(limit) and characters >= limit,
+            "held_out_documents": held_out, "max_characters": limit, "truncated": truncated,
         })
     return f"{documents:,} documents, {characters:,} characters"
 
@@ -415,8 +416,10 @@ def build_stages(run):
 # ----- the command ---------------------------------------------------------------------------
 
 
-def _check_same_run(run, force):
-    """Refuse to mix two runs' outputs: a re-run must have the settings of the run in `out`."""
+def _check_same_run(run, stages, force):
+    """Refuse to mix two runs' outputs: once a stage has finished, a re-run must have its settings."""
+    from calm_edge.stages import is_finished
+
     path = run.path(SETTINGS_FILE)
     mine = run.describe()
     if path.is_file() and not force:
@@ -425,7 +428,9 @@ def _check_same_run(run, force):
         except ValueError:
             raise CalmEdgeError(f"{path} is corrupt; pass --force to run the quickstart again from scratch") from None
         differences = [key for key in mine if theirs.get(key) != mine[key]]
-        if differences:
+        # Before any stage finished there is nothing to mix: a run that failed on a wrong --data
+        # path can simply be started again with the right one.
+        if differences and any(is_finished(run.out, stage) for stage in stages):
             raise CalmEdgeError(
                 f"{run.out} holds a quickstart run with other {' and '.join(differences)}; pass --force to replace it, "
                 "or choose another --out"
@@ -437,21 +442,27 @@ def _check_same_run(run, force):
 
 
 def run_quickstart(out, preset_name="tiny", data=DEFAULT_DATA, config_file=None, overrides=(), settings=None,
-                   force=False, progress=True, echo=print, after_stage=None):
+                   text_field="text", force=False, progress=True, echo=print, after_stage=None):
     """Run (or continue) the quickstart into folder `out`; returns the summary dict.
 
     settings: a QuickstartSettings replacing the preset's (tests use a very small one).
     after_stage: see `calm_edge.stages.run_stages`.
     """
     from calm_edge import quickstart_report
+    from calm_edge.data import expand_sources
 
     if preset_name not in QUICKSTART_PRESETS:
         raise ConfigError(f"unknown preset {preset_name!r}; choose one of: {', '.join(QUICKSTART_PRESETS)}")
     config = quickstart_config(preset_name, config_file, overrides)
-    run = Run(Path(out), preset_name, config, tuple(data) or DEFAULT_DATA, settings or QUICKSTART_PRESETS[preset_name][1])
+    run = Run(Path(out), preset_name, config, tuple(data) or DEFAULT_DATA, settings or QUICKSTART_PRESETS[preset_name][1],
+              text_field)
+    if run.out.exists() and not run.out.is_dir():
+        raise CalmEdgeError(f"--out {run.out} is a file; give a folder for the quickstart's outputs")
+    expand_sources(run.data)  # a wrong --data path fails here, before anything is written
     run.out.mkdir(parents=True, exist_ok=True)
-    _check_same_run(run, force)
-    results = run_stages(build_stages(run), run.out, force=force, progress=progress, echo=echo,
+    stages = build_stages(run)
+    _check_same_run(run, stages, force)
+    results = run_stages(stages, run.out, force=force, progress=progress, echo=echo,
                          after_stage=after_stage)
     summary = quickstart_report.write_summary(run, results)
     echo(quickstart_report.format_table(summary))

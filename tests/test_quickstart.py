@@ -132,3 +132,26 @@ def test_interrupted_quickstart_resumes(corpus_jsonl, tmp_path, monkeypatch):
     assert (out / "tokenizer" / "tokenizer.model").stat().st_mtime_ns == tokenizer_written
     assert autoencoder_checkpoint.is_dir()
     check_outputs(out, summary)
+
+
+def test_bad_input_is_a_one_line_error(tmp_path):
+    runner = CliRunner()
+
+    def quickstart_cli(*args, exit_code=1):
+        result = runner.invoke(main, ["-q", "quickstart", *args])
+        assert result.exit_code == exit_code and "Traceback" not in result.output, result.output
+        return result.output
+
+    assert "nope.jsonl does not exist" in quickstart_cli("--data", str(tmp_path / "nope.jsonl"), "--out",
+                                                         str(tmp_path / "qs"))
+    assert not (tmp_path / "qs").exists()  # nothing written for a wrong path
+    (tmp_path / "a-file").write_text("x")
+    assert "is a file" in quickstart_cli("--out", str(tmp_path / "a-file"), exit_code=2)  # click's own check
+    assert "--max-characters -1" in quickstart_cli("--max-characters", "-1", "--out", str(tmp_path / "qs"))
+
+    few = tmp_path / "few.jsonl"
+    few.write_text('{"text": "One short document."}\n{"text": "And another one."}\n')
+    assert "give more documents" in quickstart_cli("--data", str(few), "--out", str(tmp_path / "qs"))
+    # Nothing finished, so the same folder takes other settings without --force.
+    wrong_field = quickstart_cli("--data", str(few), "--text-field", "body", "--out", str(tmp_path / "qs"))
+    assert "holds a quickstart run" not in wrong_field and "body" in wrong_field
