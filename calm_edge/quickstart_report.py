@@ -40,6 +40,7 @@ def collect(run, results):
     shards = _read(out / "shards" / "index.json") or {}
     reconstruction = _read(out / "autoencoder" / "reconstruction.json")
     benchmark = _read(out / "benchmark.json") or {}
+    samples = (_read(out / "samples.json") or {}).get("samples", {})
     timings = _read(out / TIMINGS_FILE) or {}
     from calm_edge.quickstart import package_names
 
@@ -86,6 +87,7 @@ def collect(run, results):
         "training": runs,
         "packages": packages,
         "calm_over_ar_speedup": packages.get("calm", {}).get("speedup_over_ar"),
+        "samples": {name: rows[0] for name, rows in samples.items() if rows},
         "benchmark": {k: benchmark.get(k) for k in ("provider", "batch", "threads", "cpu_cores", "definition")}
                      if benchmark else None,
         "stages": {r.name: {"status": r.status, "seconds": timings.get(r.name, {}).get("seconds"), "note": r.note}
@@ -124,6 +126,11 @@ def format_table(summary):
     if summary["calm_over_ar_speedup"] is not None:
         lines.append(f"CALM decodes {summary['calm_over_ar_speedup']:.2f}x as many tokens per second as the AR baseline "
                      "(batch 1, CPU)")
+    if summary["samples"]:
+        lines.append("samples (T = 1; all of them in samples.json):")
+    for name, sample in summary["samples"].items():
+        text = " ".join((sample["prompt"] + sample["text"]).split())  # one line each
+        lines.append(f"  {name}: {text[:100]}" + ("..." if len(text) > 100 else ""))
     for name, why in summary["unavailable"].items():
         lines.append(f"not available: {name}: {why}")
     lines.append(f"-> {Path(summary['out']) / SUMMARY_FILE}, {Path(summary['out']) / PLOT_FILE}")
