@@ -516,14 +516,18 @@ def quickstart_command(ctx, data, out, force, max_characters, text_field, preset
     import dataclasses
 
     from calm_edge.quickstart import DEFAULT_DATA, QUICKSTART_PRESETS, run_quickstart
+    from calm_edge.quickstart_report import format_table
 
     if max_characters is not None and max_characters < 0:
         raise CalmEdgeError(f"--max-characters {max_characters} must be 0 (all the text) or more")
     settings = QUICKSTART_PRESETS[preset][1]
     if max_characters is not None:
         settings = dataclasses.replace(settings, max_characters=max_characters)
-    run_quickstart(out, preset, data or DEFAULT_DATA, config_file=config_file, overrides=overrides, settings=settings,
-                   text_field=text_field, force=force, progress=_progress(ctx), echo=click.echo)
+    # Under --quiet only the summary table, the result, is printed; not the line per stage.
+    echo = click.echo if _progress(ctx) else (lambda line: None)
+    summary = run_quickstart(out, preset, data or DEFAULT_DATA, config_file=config_file, overrides=overrides,
+                             settings=settings, text_field=text_field, force=force, progress=_progress(ctx), echo=echo)
+    click.echo(format_table(summary))
 
 
 if __name__ == "__main__":

@@ -447,6 +447,9 @@ def run_quickstart(out, preset_name="tiny", data=DEFAULT_DATA, config_file=None,
                    text_field="text", force=False, progress=True, echo=print, after_stage=None):
     """Run (or continue) the quickstart into folder `out`; returns the summary dict.
 
+    echo: prints one line per stage (done, skipped, not available); the caller prints the
+    summary table (`quickstart_report.format_table`).
+
     settings: a QuickstartSettings replacing the preset's (tests use a very small one).
     after_stage: see `calm_edge.stages.run_stages`.
     """
@@ -466,6 +469,4 @@ def run_quickstart(out, preset_name="tiny", data=DEFAULT_DATA, config_file=None,
     _check_same_run(run, stages, force)
     results = run_stages(stages, run.out, force=force, progress=progress, echo=echo,
                          after_stage=after_stage)
-    summary = quickstart_report.write_summary(run, results)
-    echo(quickstart_report.format_table(summary))
-    return summary
+    return quickstart_report.write_summary(run, results)

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from calm_edge.cli import main
 from calm_edge.quickstart import QuickstartSettings, run_quickstart
+from calm_edge.quickstart_report import format_table
 from calm_edge.training.trainer import Trainer
 
 QUICK_SETS = ["tokenizer.vocab_size=512", "calm.backbone.max_positions=64", "ar.backbone.max_positions=128"] + [
@@ -37,7 +38,7 @@ def quickstart(out, corpus, **kwargs):
     lines = []
     summary = run_quickstart(out, "tiny", data=[corpus], overrides=QUICK_SETS, settings=QUICK_SETTINGS,
                              progress=False, echo=lines.append, **kwargs)
-    return summary, "\n".join(lines)
+    return summary, "\n".join([*lines, format_table(summary)])
 
 
 def check_outputs(out, summary):
