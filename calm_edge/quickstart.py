@@ -88,9 +88,12 @@ class QuickstartSettings:
 # 300: measured on the demo corpus, the preset's autoencoder reconstructs only 68 % of held-out
 # tokens after 300 steps (with latent dropout 0.15, 16 dimensions leave too little redundancy to
 # learn quickly), which would make every CALM figure after it meaningless. CALM and AR keep the
-# preset's 300 steps. One torch thread (see torch_threads).
+# preset's 300 steps. One thread for torch and for ONNX Runtime (see torch_threads). Measured on
+# this 2-core CPU while it was shared with a priority training job: 47 s of CPU time in all
+# (15 minutes of wall-clock time there, for want of CPU); an idle machine needs about the CPU time.
 QUICKSTART_PRESETS = {
-    "tiny": (["autoencoder.latent_size=32", "train_autoencoder.max_steps=500"], QuickstartSettings(torch_threads=1)),
+    "tiny": (["autoencoder.latent_size=32", "train_autoencoder.max_steps=500"],
+             QuickstartSettings(torch_threads=1, threads=1)),
     "small": ([], QuickstartSettings(max_characters=0, valid_fraction=0.01, eval_positions=1000, eval_context=256,
                                      bench_new_tokens=256)),
     "base": ([], QuickstartSettings(max_characters=0, valid_fraction=0.01, eval_positions=2000, eval_context=512,
