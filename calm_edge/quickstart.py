@@ -90,7 +90,8 @@ class QuickstartSettings:
 # learn quickly), which would make every CALM figure after it meaningless. CALM and AR keep the
 # preset's 300 steps. One thread for torch and for ONNX Runtime (see torch_threads). Measured on
 # this 2-core CPU while it was shared with a priority training job: 47 s of CPU time in all
-# (15 minutes of wall-clock time there, for want of CPU); an idle machine needs about the CPU time.
+# (15 minutes of wall-clock time there, for want of CPU); on an idle machine the wall-clock time
+# should be close to the CPU time, since every stage runs on one thread.
 QUICKSTART_PRESETS = {
     "tiny": (["autoencoder.latent_size=32", "train_autoencoder.max_steps=500"],
              QuickstartSettings(torch_threads=1, threads=1)),
