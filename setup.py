@@ -25,6 +25,8 @@ BASE = [
 EXTRAS = {
     # Training and export. The range admits the CPU build of torch 2.13.0 that CI pins first.
     "train": ["torch>=2.4", "onnx>=1.16", "safetensors>=0.4", "matplotlib>=3.7"],
+    # `calm-edge quantize`: ONNX Runtime's quantization tools need onnx, and onnx-ir for int4.
+    "quantize": ["onnx>=1.16", "onnx-ir>=0.1"],
     # Peer runtimes and plotting for `calm-edge bench`; transformers loads the Hugging Face export
     # (`calm-edge export --format hf`) to validate it and to feed the peers.
     "bench": ["matplotlib>=3.7", "psutil>=5.9", "transformers>=4.45", "sentencepiece>=0.1.99"],

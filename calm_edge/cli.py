@@ -395,6 +395,92 @@ def eval_brierlm_command(ctx, checkpoint, data, out, detokenize, text_field, con
                + (f" -> {out}" if out else ""))
 
 
+def package_eval_options(command):
+    """The options `eval package` and `eval compare` share: data and BrierLM positions."""
+    options = [
+        click.option("--data", "data", multiple=True, required=True, metavar="PATH",
+                     help="Text (.txt/.jsonl/.jsonl.gz/.jsonl.xz, a folder, demo:bible) or a prepared shard folder."),
+        click.option("--autoencoder", type=click.Path(), default=None,
+                     help="CALM: the autoencoder run whose encoder gives the latents for reconstruction accuracy "
+                          "(default: the one in the package's provenance, if present)."),
+        click.option("--detokenize", type=click.Choice(["none", "wikitext"]), default="none", show_default=True,
+                     help="Undo WikiText's tokenized spacing before encoding text."),
+        click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text."),
+        click.option("--context", type=int, default=256, show_default=True, help="Tokens of context before each position."),
+        click.option("--stride", type=int, default=32, show_default=True, help="Tokens between evaluated positions (a multiple of K)."),
+        click.option("--max-positions", type=int, default=2000, show_default=True, help="Positions to evaluate at most."),
+        click.option("--reconstruction-tokens", type=int, default=None, help="Tokens for reconstruction accuracy at most."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@eval_group.command("package")
+@click.option("--package", "package_dir", required=True, type=click.Path(), help="Model package folder.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the results to this JSON file.")
+@package_eval_options
+@click.pass_context
+def eval_package_command(ctx, package_dir, out, data, autoencoder, detokenize, text_field, context, stride,
+                         max_positions, reconstruction_tokens, seed, threads):
+    """BrierLM of a model package through its ONNX graphs; CALM: also reconstruction by its decoder graph.
+
+    Example: calm-edge eval package --package packages/calm-small-int8 --data ../shared/data/wikitext103-test-doc.jsonl
+    --detokenize wikitext --out calm-int8.json
+    """
+    from calm_edge.fileio import write_json_atomic
+    from calm_edge.package_eval import evaluate_model_package
+
+    result = evaluate_model_package(package_dir, data, autoencoder=autoencoder, context=context, stride=stride,
+                                    max_positions=max_positions, seed=seed, text_field=text_field,
+                                    detokenize=detokenize, reconstruction_tokens=reconstruction_tokens,
+                                    threads=threads, progress=_progress(ctx))
+    if out:
+        write_json_atomic(out, result)
+    briers = ", ".join(f"Brier-{n} {result[f'brier_{n}']:.4f}" for n in (1, 2, 3, 4))
+    recon = result.get("reconstruction") or {}
+    recon_text = (f", reconstruction {recon['token_accuracy']:.4f}" if "token_accuracy" in recon else "")
+    click.echo(f"{result['kind']} {result['quantization']} {package_dir}: BrierLM {result['brierlm']:.2f} ({briers})"
+               f"{recon_text}" + (f" -> {out}" if out else ""))
+
+
+@eval_group.command("compare")
+@click.argument("packages", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the table to this JSON file.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Draw relative BrierLM against decode speed-up to this PNG.")
+@click.option("--speed-tokens", type=int, default=128, show_default=True, help="Tokens generated per speed run.")
+@click.option("--speed-repeats", type=int, default=5, show_default=True, help="Speed runs per package (median).")
+@package_eval_options
+@click.pass_context
+def eval_compare_command(ctx, packages, out, plot_path, speed_tokens, speed_repeats, data, autoencoder, detokenize,
+                         text_field, context, stride, max_positions, reconstruction_tokens, seed, threads):
+    """Compare PACKAGES (e.g. one model in every quantization mode) against their fp32 package.
+
+    One row per package: sizes, BrierLM, reconstruction accuracy, decode tokens/s at batch 1 on the CPU,
+    each also relative to the fp32 package of the same kind.
+
+    Example: calm-edge eval compare packages/calm packages/calm-int8 packages/calm-int4 --data test.jsonl
+    --out quantization.json --plot quantization.png
+    """
+    from calm_edge.fileio import write_json_atomic
+    from calm_edge.package_compare import compare_packages, plot, table
+
+    if speed_tokens < 1 or speed_repeats < 1:
+        raise CalmEdgeError("--speed-tokens and --speed-repeats must be at least 1")
+    report = compare_packages(list(packages), data, autoencoder=autoencoder, threads=threads, speed_tokens=speed_tokens,
+                              speed_repeats=speed_repeats, seed=seed, progress=_progress(ctx), context=context,
+                              stride=stride, max_positions=max_positions, text_field=text_field,
+                              detokenize=detokenize, reconstruction_tokens=reconstruction_tokens)
+    if out:
+        write_json_atomic(out, report)
+    if plot_path:
+        plot(report, plot_path)
+    click.echo(table(report))
+
+
 # ----- export ---------------------------------------------------------------------------------
 
 
@@ -438,6 +524,52 @@ def export_command(ctx, calm_dir, ar_dir, out, force, seed, out_format, optimize
     sizes = ", ".join(f"{name} {g['bytes'] / 1e6:.1f} MB" for name, g in manifest["graphs"].items())
     click.echo(f"exported {manifest['kind']} package -> {out} ({sizes}); largest graph difference {worst:.2e}, "
                f"generation identical to PyTorch at T=1 and T=1/2")
+
+
+# ----- quantization ---------------------------------------------------------------------------
+
+
+def _quantization_modes():
+    from calm_edge.export.quantizers import MODES
+
+    return MODES
+
+
+@main.command("quantize")
+@click.option("--package", "package_dir", required=True, type=click.Path(), help="The fp32 model package to quantize.")
+@click.option("--mode", required=True, metavar="MODE",
+              help="int8-dynamic, int8-static (needs --calibration-data), fp16 or int4 (see README: Quantization).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder of the quantized package.")
+@click.option("--keep-fp32", "keep_fp32", multiple=True, metavar="GRAPH",
+              help="Leave this graph in fp32, e.g. --keep-fp32 decoder (repeatable).")
+@click.option("--calibration-data", "calibration_data", multiple=True, metavar="PATH",
+              help="Real text (.txt/.jsonl[.gz|.xz], a folder, or prepared shards) to calibrate and validate on.")
+@click.option("--calibration-windows", type=int, default=32, show_default=True,
+              help="Windows of 64 tokens run through the fp32 package for int8-static calibration.")
+@click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text.")
+@click.option("--force", is_flag=True, help="Replace an existing --out (only once the new package validated).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the energy-head noise and validation.")
+@click.pass_context
+def quantize_command(ctx, package_dir, mode, out, keep_fp32, calibration_data, calibration_windows, text_field, force,
+                     seed):
+    """Quantize a model package's graphs with ONNX Runtime's tools; writes a package of the same format.
+
+    Example: calm-edge quantize --package packages/calm-small --mode int8-dynamic --out packages/calm-small-int8
+    """
+    from calm_edge.export.quantize import quantize_package
+    from calm_edge.export.quantizers import check_mode
+
+    check_mode(mode)
+    if calibration_windows < 1:
+        raise CalmEdgeError(f"--calibration-windows {calibration_windows} must be at least 1")
+    manifest = quantize_package(package_dir, out, mode, keep_fp32=keep_fp32, calibration_data=calibration_data,
+                                calibration_windows=calibration_windows, text_field=text_field, force=force, seed=seed,
+                                progress=_progress(ctx))
+    sizes = ", ".join(f"{name} {manifest['quantization']['graphs'][name]} {g['bytes'] / 1e6:.2f} MB"
+                      for name, g in manifest["graphs"].items())
+    generation = manifest["validation"]["generation"]
+    click.echo(f"quantized {manifest['kind']} package -> {out} ({sizes}); generation: "
+               f"{generation['identical_tokens']} of {generation['tokens']} tokens identical to fp32")
 
 
 # ----- generation -----------------------------------------------------------------------------

@@ -15,6 +15,10 @@ argmax under several latents:
   is reported beside it, so a scale can be read relative to the latent's size.
 
 Noise comes from a seeded generator, so the same checkpoint and data give the same numbers.
+
+`decode` replaces the checkpoint's own decoder, e.g. by a model package's deployed (and maybe
+quantized) decoder graph: the encoder stays the checkpoint's, so the figures then measure what
+the deployed decoder does with the latents the trained encoder gives.
 """
 import torch
 from tqdm import tqdm
@@ -27,8 +31,11 @@ NOISE_SCALES = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 
 def evaluate_autoencoder(checkpoint_path, sources, text_field="text", detokenize="none", split="valid",
-                         max_tokens=None, batch_chunks=2048, noise_scales=NOISE_SCALES, seed=0, progress=False):
+                         max_tokens=None, batch_chunks=2048, noise_scales=NOISE_SCALES, seed=0, progress=False,
+                         decode=None):
+    """The report described above; `decode(latents [n, latent] numpy) -> ids [n, K]` overrides the decoder."""
     model, saved = load_autoencoder(checkpoint_path)
+    decode_tokens = model.decode_tokens if decode is None else _numpy_decoder(decode)
     K = model.chunk_size
     tokenizer = Tokenizer(saved.tokenizer_path)
     tokens, data = load_eval_tokens(sources, tokenizer, text_field=text_field, detokenize=detokenize, split=split,
@@ -55,7 +62,7 @@ def evaluate_autoencoder(checkpoint_path, sources, text_field="text", detokenize
             for scale in noise_scales:
                 latents[f"noise_{scale}"] = mean + scale * _normal(mean, generator)
             for name, latent in latents.items():
-                correct = model.decode_tokens(latent) == batch
+                correct = decode_tokens(latent) == batch
                 right_tokens[name] += int(correct.sum())
                 right_chunks[name] += int(correct.all(-1).sum())
                 if name == "mean":
@@ -93,6 +100,14 @@ def _most_missed(missed, chunks, tokenizer, top=10):
     ids = [i for i in torch.argsort(missed, descending=True, stable=True)[:top].tolist() if missed[i] > 0]
     return [{"id": i, "piece": tokenizer.id_to_piece(i), "errors": int(missed[i]), "occurrences": int(occurrences[i])}
             for i in ids]
+
+
+def _numpy_decoder(decode):
+    """A torch-in, torch-out wrapper of a numpy decoder such as `runtime.Model.decode`."""
+    def decode_tokens(latent):
+        return torch.from_numpy(decode(latent.numpy()).astype("int64"))
+
+    return decode_tokens
 
 
 def _normal(like, generator):

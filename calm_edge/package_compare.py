@@ -1,0 +1,156 @@
+"""`calm-edge eval compare`: several packages of one model in one table, each against its fp32 package.
+
+For every package: its quantization mode (and per graph), graph sizes, BrierLM, CALM's token
+reconstruction through its decoder graph, and decode tokens/s at batch 1 on the CPU. Each figure
+is also given relative to the fp32 package of the same kind measured in the same run (speeds
+round-robin, see `calm_edge.decode_speed`), so a table made on a busy or a different machine
+still compares like with like. A PNG plots relative BrierLM against decode speed-up.
+"""
+import os
+import platform
+import time
+from pathlib import Path
+
+from calm_edge.errors import CalmEdgeError
+
+
+def _label(report):
+    modes = report["graph_modes"]
+    kept = sorted(name for name, mode in modes.items() if mode == "fp32")
+    label = f"{report['kind']} {report['quantization']}"
+    return label + (f" (fp32 {'+'.join(kept)})" if kept and report["quantization"] != "fp32" else "")
+
+
+def _relative(value, reference):
+    if value is None or reference in (None, 0):
+        return None
+    return value / reference
+
+
+def compare_packages(paths, sources, autoencoder=None, threads=None, speed_tokens=128, speed_repeats=5, seed=0,
+                     progress=True, **eval_options):
+    """The comparison report of the packages at `paths` (each kind needs its fp32 package among them)."""
+    from calm_edge.decode_speed import measure_round_robin
+    from calm_edge.package_eval import evaluate_model_package
+    from calm_edge.runtime.model import Model
+
+    if len(set(map(str, paths))) != len(paths):
+        raise CalmEdgeError("a package is named twice; list each package once")
+    started = time.perf_counter()
+    models = {str(p): Model(p, threads=threads) for p in paths}
+    kinds = {name: model.kind for name, model in models.items()}
+    references = {}
+    for name, model in models.items():
+        if model.manifest["quantization"]["mode"] == "fp32":
+            if model.kind in references:
+                raise CalmEdgeError(f"two fp32 {model.kind} packages ({references[model.kind]}, {name}); compare one model's packages")
+            references[model.kind] = name
+    missing = sorted(set(kinds.values()) - set(references))
+    if missing:
+        raise CalmEdgeError(f"no fp32 {' or '.join(missing)} package among the packages; add the fp32 package the "
+                            "quantized ones came from, as the reference")
+    _check_sources(models, references)
+
+    speeds = measure_round_robin(models, new_tokens=speed_tokens, repeats=speed_repeats, seed=seed)
+    rows = {}
+    for name in models:
+        report = evaluate_model_package(name, sources, autoencoder=autoencoder if kinds[name] == "calm" else None,
+                                        seed=seed, threads=threads, progress=progress, **eval_options)
+        recon = report.get("reconstruction") or {}
+        main = next(iter(report["by_offset"].values()))  # the first offset's figures are the headline ones
+        rows[name] = {
+            "package": name, "kind": report["kind"], "label": _label(report), "mode": report["quantization"],
+            "graph_modes": report["graph_modes"], "graph_bytes": report["graph_bytes"],
+            "bytes": sum(report["graph_bytes"].values()),
+            "brierlm": report["brierlm"], **{f"brier_{n}": report[f"brier_{n}"] for n in (1, 2, 3, 4)},
+            "brier_stderr": {n: main[f"brier_{n}_stderr"] for n in (1, 2, 3, 4)},
+            "reconstruction_token_accuracy": recon.get("token_accuracy"),
+            "reconstruction_chunk_accuracy": recon.get("chunk_accuracy"),
+            "decode_tokens_per_second": speeds[name]["tokens_per_second"],
+            "decode_runs": speeds[name]["runs"],
+        }
+    for row in rows.values():
+        reference = rows[references[row["kind"]]]
+        row["relative_to_fp32"] = {
+            "bytes": _relative(row["bytes"], reference["bytes"]),
+            "brierlm": _relative(row["brierlm"], reference["brierlm"]),
+            "reconstruction_token_accuracy": _relative(row["reconstruction_token_accuracy"],
+                                                       reference["reconstruction_token_accuracy"]),
+            "decode_speedup": _relative(row["decode_tokens_per_second"], reference["decode_tokens_per_second"]),
+        }
+    return {
+        "references": references,
+        "data": [str(s) for s in sources],
+        "positions": eval_options,
+        "speed": {"batch": 1, "provider": "cpu", "threads": threads or os.cpu_count(), "new_tokens": speed_tokens,
+                  "repeats": speed_repeats, "statistic": "median"},
+        "machine": {"cpu_cores": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "onnxruntime": _onnxruntime_version()},
+        "rows": list(rows.values()),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _onnxruntime_version():
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _check_sources(models, references):
+    """Each quantized package must come from the fp32 package it is compared with."""
+    from calm_edge.fileio import sha256_of
+    from calm_edge.runtime.package import MANIFEST_FILE
+
+    for name, model in models.items():
+        source = model.manifest["quantization"].get("source")
+        if not source:
+            continue
+        reference = references[model.kind]
+        if source["manifest_sha256"] != sha256_of(Path(reference) / MANIFEST_FILE):
+            raise CalmEdgeError(f"{name} was quantized from {source['package']}, not from the fp32 package {reference} "
+                                "it would be compared with; quantize it again from that package")
+
+
+def table(report):
+    """The report as a plain-text table (one line per package)."""
+    header = f"{'package':<34} {'MB':>7} {'BrierLM':>8} {'rel':>6} {'recon':>7} {'tok/s':>8} {'speedup':>7}"
+    lines = [header, "-" * len(header)]
+    def fixed(value, digits):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for row in report["rows"]:
+        rel = row["relative_to_fp32"]
+        lines.append(f"{row['label']:<34} {row['bytes'] / 1e6:>7.2f} {row['brierlm']:>8.2f} {fixed(rel['brierlm'], 3):>6} "
+                     f"{fixed(row['reconstruction_token_accuracy'], 4):>7} {row['decode_tokens_per_second']:>8.1f} "
+                     f"{fixed(rel['decode_speedup'], 2):>7}")
+    return "\n".join(lines)
+
+
+def plot(report, path):
+    """Relative BrierLM against decode speed-up, one point per package, one colour per kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    colours = {"calm": "tab:blue", "ar": "tab:orange"}
+    for kind in sorted({row["kind"] for row in report["rows"]}):
+        rows = [row for row in report["rows"] if row["kind"] == kind]
+        xs = [row["relative_to_fp32"]["decode_speedup"] for row in rows]
+        ys = [row["relative_to_fp32"]["brierlm"] or 0.0 for row in rows]
+        ax.scatter(xs, ys, color=colours.get(kind), label=kind.upper(), zorder=3)
+        for row, x, y in zip(rows, xs, ys):
+            ax.annotate(row["label"].split(" ", 1)[1], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(0.97, color="grey", linestyle=":", linewidth=1, label="-3% BrierLM")
+    ax.axvline(1.5, color="grey", linestyle="--", linewidth=1, label="1.5x decode speed")
+    ax.set_xlabel("decode tokens/s at batch 1, relative to fp32")
+    ax.set_ylabel("BrierLM relative to fp32")
+    ax.set_title("Quantization: quality against speed (CPU)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
