@@ -89,9 +89,11 @@ class QuickstartSettings:
 # tokens after 300 steps (with latent dropout 0.15, 16 dimensions leave too little redundancy to
 # learn quickly), which would make every CALM figure after it meaningless. CALM and AR keep the
 # preset's 300 steps. One thread for torch and for ONNX Runtime (see torch_threads). Measured on
-# this 2-core CPU while it was shared with a priority training job: 47 s of CPU time in all
-# (15 minutes of wall-clock time there, for want of CPU); on an idle machine the wall-clock time
-# should be close to the CPU time, since every stage runs on one thread.
+# this 2-core CPU while it was shared with a priority training job: about 60 s of CPU time in all
+# (47 s up to the benchmark, 9 s for quantization and evaluation; 18 minutes of wall-clock time
+# there, for want of CPU); on an idle machine the wall-clock time should be close to the CPU
+# time, since every stage runs on one thread. At 300 steps both language models are too weak
+# for a BrierLM above 0 (their Brier-2..4 are 0), so the summary also shows Brier-1.
 QUICKSTART_PRESETS = {
     "tiny": (["autoencoder.latent_size=32", "train_autoencoder.max_steps=500"],
              QuickstartSettings(torch_threads=1, threads=1)),

@@ -113,11 +113,14 @@ def format_table(summary):
         "on held-out text",
         "",
     ]
-    header = ("package", "quantization", "size MB", "BrierLM", "decode tokens/s", "vs AR")
+    # Brier-1 beside BrierLM: BrierLM is 0 as soon as one of Brier-1..4 is, as it is for barely
+    # trained models, while Brier-1 still tells them apart.
+    header = ("package", "quantization", "size MB", "BrierLM", "Brier-1", "decode tokens/s", "vs AR")
     rows = [header]
     for name, p in summary["packages"].items():
         rows.append((name, p["quantization"], f"{p['bytes'] / 1e6:.2f}", fmt(p["brierlm"], "{:.2f}"),
-                     fmt(p["decode_tokens_per_second"], "{:.0f}"), fmt(p["speedup_over_ar"], "{:.2f}x")))
+                     fmt((p["brier"] or {}).get("brier_1"), "{:.3f}"), fmt(p["decode_tokens_per_second"], "{:.0f}"),
+                     fmt(p["speedup_over_ar"], "{:.2f}x")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for number, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
