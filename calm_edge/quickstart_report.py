@@ -9,7 +9,7 @@ has not run, is None in summary.json and "n/a" in the table, with the reason und
 summary.json holds, per package: kind, quantization, size in bytes (graphs and tokenizer),
 BrierLM, decode tokens/s and its speed-up over the AR package; and the autoencoder's token
 reconstruction accuracy, the training runs, the data and each stage's time. summary.png draws
-BrierLM, size and tokens/s per package side by side.
+BrierLM, Brier-1, size and tokens/s per package side by side.
 """
 import io
 import json
@@ -141,20 +141,21 @@ def format_table(summary):
 
 
 def plot(summary, path):
-    """Three bar charts per package: BrierLM, size, decode tokens/s."""
+    """Bar charts per package: BrierLM, Brier-1, size, decode tokens/s."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on a server
     import matplotlib.pyplot as plt
 
     names = list(summary["packages"])
-    panels = [("BrierLM (higher is better)", "brierlm", 1),
-              ("package size (MB)", "bytes", 1e-6),
-              ("decode tokens/s, batch 1 CPU", "decode_tokens_per_second", 1)]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    panels = [("BrierLM (higher is better)", lambda p: p["brierlm"], 1),
+              ("Brier-1 (higher is better)", lambda p: (p["brier"] or {}).get("brier_1"), 1),
+              ("package size (MB)", lambda p: p["bytes"], 1e-6),
+              ("decode tokens/s, batch 1 CPU", lambda p: p["decode_tokens_per_second"], 1)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6))
     colors = ["#1f77b4" if summary["packages"][n]["kind"] == "calm" else "#ff7f0e" for n in names]
-    for axis, (title, key, scale) in zip(axes, panels):
-        values = [summary["packages"][n][key] for n in names]
+    for axis, (title, value_of, scale) in zip(axes, panels):
+        values = [value_of(summary["packages"][n]) for n in names]
         axis.set_title(title, fontsize=10)
         if all(v is None for v in values):
             axis.text(0.5, 0.5, "not available", ha="center", va="center", transform=axis.transAxes)
