@@ -88,12 +88,12 @@ class QuickstartSettings:
 # 300: measured on the demo corpus, the preset's autoencoder reconstructs only 68 % of held-out
 # tokens after 300 steps (with latent dropout 0.15, 16 dimensions leave too little redundancy to
 # learn quickly), which would make every CALM figure after it meaningless. CALM and AR keep the
-# preset's 300 steps. One thread for torch and for ONNX Runtime (see torch_threads). Measured on
-# this 2-core CPU while it was shared with a priority training job: about 60 s of CPU time in all
-# (47 s up to the benchmark, 9 s for quantization and evaluation; 18 minutes of wall-clock time
-# there, for want of CPU); on an idle machine the wall-clock time should be close to the CPU
-# time, since every stage runs on one thread. At 300 steps both language models are too weak
-# for a BrierLM above 0 (their Brier-2..4 are 0), so the summary also shows Brier-1.
+# preset's 300 steps. One thread for torch and for ONNX Runtime (see torch_threads).
+# Measured on this 2-core CPU, idle: the whole tiny quickstart on demo:bible in 69 s (46 s user
+# CPU): autoencoder 24 s, CALM 27 s, AR 13 s, everything else 3 s. While the CPU was shared with
+# a priority training job the same run took 18 minutes. At 300 steps both language models are
+# too weak for a BrierLM above 0 (their Brier-2..4 are 0), so the summary also shows Brier-1;
+# there is time left in the budget for more CALM and AR steps (not measured yet).
 QUICKSTART_PRESETS = {
     "tiny": (["autoencoder.latent_size=32", "train_autoencoder.max_steps=500"],
              QuickstartSettings(torch_threads=1, threads=1)),
