@@ -21,13 +21,12 @@ import multiprocessing
 import os
 import platform
 import resource
-import statistics
-import time
 from pathlib import Path
 
 from calm_edge.fileio import write_json_atomic
-from calm_edge.runtime.generator import GeneratorParams, iterate_steps
+from calm_edge.runtime.generator import GeneratorParams
 from calm_edge.runtime.model import Model
+from calm_edge.runtime.profiling import measure, one_generation
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "wikitext103-test-doc.jsonl"
@@ -46,41 +45,6 @@ def prompt_ids(model, text_file, prompt_tokens):
     with open(text_file, encoding="utf-8") as f:
         text = json.loads(f.readline())["text"]
     return model.tokenizer.encode(text)[:prompt_tokens]
-
-
-def one_generation(model, prompt, params):
-    """(seconds, prefill seconds, steps, tokens, graph seconds) of one generation."""
-    state = model.new_state()
-    began = time.perf_counter()
-    steps, tokens, prefill = 0, 0, None
-    for new_ids in iterate_steps(state, [prompt], params):
-        if prefill is None:  # the first step follows the prefill call directly
-            prefill = state.timings[model._step_name]
-        steps += 1
-        tokens += len(new_ids[0])
-    seconds = time.perf_counter() - began
-    graphs = dict(state.timings)
-    graphs[model._step_name] -= prefill
-    return {"seconds": seconds, "prefill_seconds": prefill, "steps": steps, "tokens": tokens, "graphs": graphs}
-
-
-def measure(model, prompt, params, repeats):
-    runs = [one_generation(model, prompt, params) for _ in range(repeats)]
-    run = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run, whole
-    decode_seconds = run["seconds"] - run["prefill_seconds"]
-    graph_seconds = sum(run["graphs"].values())
-    per_step_ms = {name: 1e3 * s / run["steps"] for name, s in run["graphs"].items()}
-    per_step_ms["loop_overhead"] = 1e3 * (decode_seconds - graph_seconds) / run["steps"]
-    return {
-        "new_tokens": run["tokens"],
-        "steps": run["steps"],
-        "prefill_ms": round(1e3 * run["prefill_seconds"], 2),
-        "decode_tokens_per_second": round(run["tokens"] / decode_seconds, 1),
-        "step_ms": round(1e3 * decode_seconds / run["steps"], 3),
-        "per_step_ms": {k: round(v, 3) for k, v in per_step_ms.items()},
-        "loop_share": round((decode_seconds - graph_seconds) / decode_seconds, 4),
-        "all_runs_seconds": [round(r["seconds"], 4) for r in runs],
-    }
 
 
 def bench_package(path, text_file, prompt_tokens, new_tokens, threads, repeats):

@@ -677,6 +677,41 @@ def bench_command(ctx, packages, peers, hf_dirs, out, prompt_lengths, new_tokens
             click.echo(f"{row['cell']}: {row['calm']} / {row['ar']}: {row['ratio']}x decode tokens/s "
                        f"(ideal {row['ideal_ratio']}x)")
     click.echo(f"-> {out} (+ .csv, _throughput.png, _latency.png, _split.png)")
+# ----- quickstart -----------------------------------------------------------------------------
+
+
+@main.command("quickstart")
+@click.option("--data", "data", multiple=True, metavar="PATH",
+              help="Text to train on: .txt/.jsonl/.jsonl.gz/.jsonl.xz, a folder, or demo:bible (default; repeatable).")
+@click.option("--out", default="quickstart", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for every stage's outputs, summary.json and summary.png.")
+@click.option("--force", is_flag=True, help="Run every stage again, replacing the outputs already in --out.")
+@click.option("--max-characters", type=int, default=None,
+              help="Read whole documents of --data up to this many characters (default: the preset's; 0: all).")
+@click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text.")
+@config_options
+@click.pass_context
+def quickstart_command(ctx, data, out, force, max_characters, text_field, preset, config_file, overrides):
+    """The whole pipeline in one command: tokenizer, autoencoder, CALM and AR models, packages,
+    quantization, BrierLM, samples and a CALM-vs-AR speed benchmark. A re-run skips finished stages.
+
+    Example: calm-edge quickstart --preset tiny --out quickstart
+    """
+    import dataclasses
+
+    from calm_edge.quickstart import DEFAULT_DATA, QUICKSTART_PRESETS, run_quickstart
+    from calm_edge.quickstart_report import format_table
+
+    if max_characters is not None and max_characters < 0:
+        raise CalmEdgeError(f"--max-characters {max_characters} must be 0 (all the text) or more")
+    settings = QUICKSTART_PRESETS[preset][1]
+    if max_characters is not None:
+        settings = dataclasses.replace(settings, max_characters=max_characters)
+    # Under --quiet only the summary table, the result, is printed; not the line per stage.
+    echo = click.echo if _progress(ctx) else (lambda line: None)
+    summary = run_quickstart(out, preset, data or DEFAULT_DATA, config_file=config_file, overrides=overrides,
+                             settings=settings, text_field=text_field, force=force, progress=_progress(ctx), echo=echo)
+    click.echo(format_table(summary))
 
 
 if __name__ == "__main__":
