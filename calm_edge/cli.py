@@ -677,6 +677,8 @@ def bench_command(ctx, packages, peers, hf_dirs, out, prompt_lengths, new_tokens
             click.echo(f"{row['cell']}: {row['calm']} / {row['ar']}: {row['ratio']}x decode tokens/s "
                        f"(ideal {row['ideal_ratio']}x)")
     click.echo(f"-> {out} (+ .csv, _throughput.png, _latency.png, _split.png)")
+
+
 # ----- quickstart -----------------------------------------------------------------------------
 
 
