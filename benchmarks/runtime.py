@@ -20,9 +20,9 @@ import json
 import multiprocessing
 import os
 import platform
-import resource
 from pathlib import Path
 
+from calm_edge.bench.stats import folder_size_mb, peak_rss_mb, rss_mb
 from calm_edge.fileio import write_json_atomic
 from calm_edge.runtime.generator import GeneratorParams
 from calm_edge.runtime.model import Model
@@ -30,15 +30,6 @@ from calm_edge.runtime.profiling import measure, one_generation
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "wikitext103-test-doc.jsonl"
-
-
-def rss_mb():
-    """Current resident set size in MB (Linux /proc), falling back to the peak."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
 def prompt_ids(model, text_file, prompt_tokens):
@@ -66,8 +57,8 @@ def bench_package(path, text_file, prompt_tokens, new_tokens, threads, repeats):
     result["rss_mb_end"] = round(rss_mb(), 1)
     # Peak resident memory of this process (a fresh one per package, see main) against the
     # budget: the package's files, the KV cache, and 150 MB for Python, ONNX Runtime and buffers.
-    result["package_mb"] = round(sum(f.stat().st_size for f in Path(path).iterdir()) / 1e6, 1)
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6, 1)  # KiB -> MB
+    result["package_mb"] = round(folder_size_mb(path), 1)
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     result["peak_rss_budget_mb"] = round(result["package_mb"] + result["kv_cache_mb"] + 150, 1)
     result["peak_rss_within_budget"] = result["peak_rss_mb"] <= result["peak_rss_budget_mb"]
     result["t_half_over_t1_step_cost"] = round(result["T=1/2"]["step_ms"] / result["T=1"]["step_ms"], 3)

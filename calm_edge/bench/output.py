@@ -101,10 +101,7 @@ def plot_throughput(report, path):
         ax.grid(alpha=0.3, which="both")
     if axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend(fontsize=7)
-    _note_unavailable(fig, report)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, report)
 
 
 def plot_latency(report, path):
@@ -127,10 +124,7 @@ def plot_latency(report, path):
     ax.set(ylabel="ms per generated token (step / tokens per step)",
            title="decode latency per token, batch 1, T=1 (whiskers p1-p99)")
     ax.grid(alpha=0.3, axis="y")
-    _note_unavailable(fig, report)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, report)
 
 
 def plot_split(report, path):
@@ -154,9 +148,16 @@ def plot_split(report, path):
     ax.set(ylabel="ms per step", title="where a step goes (batch 1)")
     if names:
         ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _save(fig, path, report=None):
+    """Write and close a plot; with `report`, footnote the runners that could not be measured."""
+    if report is not None:
+        _note_unavailable(fig, report)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def _note_unavailable(fig, report):

@@ -115,15 +115,26 @@ class PackageRunner:
                      graphs_s=graphs)
 
 
-class OptimumRunner:
+class HuggingFacePeer:
+    """What both peers share: the AR weights as a Hugging Face folder, and its context length."""
+
+    def __init__(self, hf_dir, provider):
+        self.hf_dir, self.provider = Path(hf_dir), provider
+        self.config = json.loads((self.hf_dir / "config.json").read_text())
+        self.model, self.prepare_seconds = None, None
+
+    def fits(self, cell):
+        return fits_context(cell.prompt_tokens, cell.new_tokens, self.config["max_position_embeddings"])
+
+
+class OptimumRunner(HuggingFacePeer):
     """The AR weights through optimum's ORTModelForCausalLM (ONNX Runtime, fp32)."""
 
     name = "optimum"
 
     def __init__(self, hf_dir, work_dir, provider="cpu"):
-        self.hf_dir, self.onnx_dir, self.provider = Path(hf_dir), Path(work_dir) / "optimum-onnx", provider
-        self.model, self.prepare_seconds = None, None
-        self.config = json.loads((self.hf_dir / "config.json").read_text())
+        super().__init__(hf_dir, provider)
+        self.onnx_dir = Path(work_dir) / "optimum-onnx"
 
     def describe(self):
         return {"runner": "optimum", "kind": "ar", "hf_checkpoint": str(self.hf_dir), "onnx_dir": str(self.onnx_dir),
@@ -131,9 +142,6 @@ class OptimumRunner:
                 "chunk_size": 1, "max_context_tokens": self.config["max_position_embeddings"],
                 "prepare_seconds": self.prepare_seconds,
                 "versions": version_of("optimum-onnx", "optimum", "transformers", "onnxruntime", "torch")}
-
-    def fits(self, cell):
-        return fits_context(cell.prompt_tokens, cell.new_tokens, self.config["max_position_embeddings"])
 
     def prepare(self):
         """Export the Hugging Face folder to ONNX once (reused while the folder is unchanged)."""
@@ -205,7 +213,7 @@ class OptimumRunner:
                      graphs_s={"model": sum(self._forward_s[1:])})
 
 
-class GenaiRunner:
+class GenaiRunner(HuggingFacePeer):
     """The AR weights through onnxruntime-genai: its model builder (fp32, cpu), then its generator loop."""
 
     name = "onnxruntime-genai"
@@ -213,12 +221,9 @@ class GenaiRunner:
     def __init__(self, hf_dir, work_dir, provider="cpu"):
         # On a GPU genai's builder makes an fp16 CUDA model (its TensorRT path is another EP,
         # NvTensorRtRtx, so "tensorrt" runs the CUDA model too); on the CPU fp32.
-        self.provider = provider
+        super().__init__(hf_dir, provider)
         self.precision, self.target = ("fp32", "cpu") if provider == "cpu" else ("fp16", "cuda")
-        self.hf_dir = Path(hf_dir)
         self.model_dir = Path(work_dir) / f"genai-{self.precision}-{self.target}"
-        self.config = json.loads((self.hf_dir / "config.json").read_text())
-        self.model, self.prepare_seconds = None, None
 
     def describe(self):
         return {"runner": "onnxruntime-genai", "kind": "ar", "hf_checkpoint": str(self.hf_dir),
@@ -226,9 +231,6 @@ class GenaiRunner:
                 "precision": self.precision, "builder_target": self.target,
                 "max_context_tokens": self.config["max_position_embeddings"], "prepare_seconds": self.prepare_seconds,
                 "versions": version_of("onnxruntime-genai", "onnxruntime", "onnx-ir", "transformers")}
-
-    def fits(self, cell):
-        return fits_context(cell.prompt_tokens, cell.new_tokens, self.config["max_position_embeddings"])
 
     def builder_command(self):
         return [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(self.hf_dir), "-o",

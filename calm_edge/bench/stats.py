@@ -24,7 +24,11 @@ def rss_mb():
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
     except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+        return peak_rss_mb()
+
+
+def _kib_to_mb(kib):
+    return kib * 1024 / 1e6
 
 
 def reset_peak_rss():
@@ -46,10 +50,10 @@ def peak_rss_mb():
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1e3  # kB
+                return _kib_to_mb(int(line.split()[1]))  # the kernel's "kB" are KiB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+    return _kib_to_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def folder_size_mb(path):
