@@ -31,7 +31,10 @@ from calm_edge.fileio import write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("int8-dynamic", "int8-static", "fp16", "int4")
-GOAL = {"decode_speedup_at_least": 1.5, "brierlm_relative_at_least": 0.97}
+# Quality: relative BrierLM, or where the fp32 BrierLM is 0 the paired Brier-1 (see
+# calm_edge.package_compare.quality_relative_to_fp32). "established" asks the estimate minus two
+# standard errors to clear the bar too, so that sampling luck cannot pass a mode.
+GOAL = {"decode_speedup_at_least": 1.5, "quality_relative_at_least": 0.97}
 
 
 def run(command):
@@ -63,14 +66,21 @@ def quantize_all(kind, fp32, work, calibration, requantize, keep_decoder):
 
 
 def best_within_goal(rows):
-    """Per kind, the fastest quantized package that keeps 97% of BrierLM at 1.5x speed, or None."""
+    """Per kind, the fastest quantized package that keeps 97% of the quality at 1.5x speed, or None."""
     best = {}
     for kind in sorted({row["kind"] for row in rows}):
         fits = [row for row in rows if row["kind"] == kind and row["mode"] != "fp32"
-                and (row["relative_to_fp32"]["brierlm"] or 0) >= GOAL["brierlm_relative_at_least"]
+                and (row["quality_relative_to_fp32"]["value"] or 0) >= GOAL["quality_relative_at_least"]
                 and row["relative_to_fp32"]["decode_speedup"] >= GOAL["decode_speedup_at_least"]]
         fastest = max(fits, key=lambda row: row["relative_to_fp32"]["decode_speedup"], default=None)
-        best[kind] = fastest and {key: fastest[key] for key in ("label", "package", "relative_to_fp32")}
+        if fastest:
+            quality = fastest["quality_relative_to_fp32"]
+            lower = quality["value"] - 2 * (quality["stderr"] or 0)
+            fastest = {**{key: fastest[key] for key in ("label", "package", "relative_to_fp32",
+                                                        "quality_relative_to_fp32")},
+                       "established": lower >= GOAL["quality_relative_at_least"],
+                       "quality_lower_bound": lower}
+        best[kind] = fastest
     return best
 
 

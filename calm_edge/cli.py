@@ -654,9 +654,12 @@ def generate_command(package_dir, checkpoint, prompt, max_new_tokens, temperatur
               help="Peers' converted models and the workers' logs (reused between runs).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="Execution provider of every runner (GPU: see benchmarks/README.md; keep its results apart).")
+@click.option("--spinning", type=click.Choice(["default", "on", "off"]), default="default", show_default=True,
+              help="ONNX Runtime's worker threads busy-waiting between ops: each runtime's own default "
+                   "(calm-edge off, the peers on), or on/off in every runner alike.")
 @click.pass_context
 def bench_command(ctx, packages, peers, hf_dirs, out, prompt_lengths, new_tokens, batch_sizes, threads, temperatures,
-                  repeats, warmup, seed, candidates, text, work_dir, provider):
+                  repeats, warmup, seed, candidates, text, work_dir, provider, spinning):
     """Measure latency, throughput and memory of packages and peer runtimes on the same prompts.
 
     Example: calm-edge bench --package packages/calm-small --package packages/ar-small
@@ -668,7 +671,8 @@ def bench_command(ctx, packages, peers, hf_dirs, out, prompt_lengths, new_tokens
               "threads": threads, "temperatures": temperatures}
     report = run_bench(packages=packages, peers=peers, hf=hf_dirs, out=out, work_dir=work_dir, repeats=repeats,
                        warmup=warmup, seed=seed, candidates=candidates, text=text, matrix_options=matrix,
-                       provider=provider, progress=_progress(ctx), log=log.info)
+                       provider=provider, progress=_progress(ctx), log=log.info,
+                       spinning={"default": None, "on": True, "off": False}[spinning])
     for runner in report["runners"]:
         if runner["status"] != "ok":
             click.echo(f"{runner['name']}: {runner['status']}: {runner['reason']}", err=True)

@@ -67,7 +67,8 @@ def evaluate_brierlm(model, pairs, seed=0, batch_size=32, progress=True, samples
     """Brier-1..4 and BrierLM over `pairs` from `eval_positions`.
 
     `model`: a CalmModel / ARModel (PyTorch) or a runtime `Model` (ONNX graphs). `samples`, a
-    list, receives each position's two sampled continuations (to compare two models' draws).
+    list, receives each position's two sampled continuations and its target, (sample1, sample2,
+    target), to compare two models' draws (`calm_edge.brierlm.paired_difference`).
     """
     accumulator = BrierAccumulator()
     started = time.perf_counter()
@@ -83,7 +84,7 @@ def evaluate_brierlm(model, pairs, seed=0, batch_size=32, progress=True, samples
         for i, (_, target) in enumerate(batch):
             accumulator.add_samples(continuations[2 * i], continuations[2 * i + 1], target)
             if samples is not None:
-                samples.append((continuations[2 * i], continuations[2 * i + 1]))
+                samples.append((continuations[2 * i], continuations[2 * i + 1], list(target)))
         bar.update(len(batch))
     bar.close()
     report = accumulator.report()

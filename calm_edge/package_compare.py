@@ -5,12 +5,19 @@ reconstruction through its decoder graph, and decode tokens/s at batch 1 on the 
 is also given relative to the fp32 package of the same kind measured in the same run (speeds
 round-robin, see `calm_edge.decode_speed`), so a table made on a busy or a different machine
 still compares like with like. A PNG plots relative BrierLM against decode speed-up.
+
+Quality is also compared position by position (`paired_with_fp32`): every package draws with the
+same seed and random streams, so a quantized package's Brier-n minus its fp32 package's has a
+much smaller error than the two means apart (`calm_edge.brierlm.paired_difference`). It is what
+judges a small quality change, and the only judge when the fp32 BrierLM is 0 (a model too weak
+for a positive Brier-4) and a relative BrierLM does not exist.
 """
 import os
 import platform
 import time
 from pathlib import Path
 
+from calm_edge.brierlm import paired_difference
 from calm_edge.errors import CalmEdgeError
 
 
@@ -52,10 +59,12 @@ def compare_packages(paths, sources, autoencoder=None, threads=None, speed_token
     _check_sources(models, references)
 
     speeds = measure_round_robin(models, new_tokens=speed_tokens, repeats=speed_repeats, seed=seed)
-    rows = {}
+    rows, draws = {}, {}
     for name in models:
+        draws[name] = []
         report = evaluate_model_package(name, sources, autoencoder=autoencoder if kinds[name] == "calm" else None,
-                                        seed=seed, threads=threads, progress=progress, **eval_options)
+                                        seed=seed, threads=threads, progress=progress, samples=draws[name],
+                                        **eval_options)
         recon = report.get("reconstruction") or {}
         main = next(iter(report["by_offset"].values()))  # the first offset's figures are the headline ones
         rows[name] = {
@@ -78,6 +87,10 @@ def compare_packages(paths, sources, autoencoder=None, threads=None, speed_token
                                                        reference["reconstruction_token_accuracy"]),
             "decode_speedup": _relative(row["decode_tokens_per_second"], reference["decode_tokens_per_second"]),
         }
+        row["paired_with_fp32"] = paired_difference(draws[row["package"]], draws[reference["package"]])
+    for row in rows.values():
+        value, error, measure = quality_relative_to_fp32(row, rows[references[row["kind"]]])
+        row["quality_relative_to_fp32"] = {"value": value, "stderr": error, "measure": measure}
     return {
         "references": references,
         "data": [str(s) for s in sources],
@@ -112,18 +125,45 @@ def _check_sources(models, references):
                                 "it would be compared with; quantize it again from that package")
 
 
+def quality_relative_to_fp32(row, reference):
+    """(value, standard error, measure): the package's quality as a fraction of its fp32 package's.
+
+    Relative BrierLM when the fp32 BrierLM is positive; otherwise (a model too weak for a positive
+    Brier-4) 1 + the paired Brier-1 difference over the fp32 Brier-1, the finest comparison left.
+    """
+    if reference["brierlm"] > 0:
+        return row["brierlm"] / reference["brierlm"], None, "BrierLM"
+    if reference["brier_1"] <= 0:
+        return None, None, "none (fp32 Brier-1 not positive)"
+    paired = row["paired_with_fp32"]
+    return (1 + paired["brier_1_difference"] / reference["brier_1"],
+            paired["brier_1_difference_stderr"] / reference["brier_1"], "Brier-1 (paired)")
+
+
+def _reference_row(report, row):
+    return next(r for r in report["rows"] if r["package"] == report["references"][row["kind"]])
+
+
 def table(report):
     """The report as a plain-text table (one line per package)."""
-    header = f"{'package':<34} {'MB':>7} {'BrierLM':>8} {'rel':>6} {'recon':>7} {'tok/s':>8} {'speedup':>7}"
+    header = (f"{'package':<34} {'MB':>7} {'BrierLM':>8} {'Brier-1':>8} {'quality':>15} {'same':>5} {'recon':>7} "
+              f"{'tok/s':>8} {'speedup':>7}")
     lines = [header, "-" * len(header)]
+
     def fixed(value, digits):
         return "-" if value is None else f"{value:.{digits}f}"
 
     for row in report["rows"]:
         rel = row["relative_to_fp32"]
-        lines.append(f"{row['label']:<34} {row['bytes'] / 1e6:>7.2f} {row['brierlm']:>8.2f} {fixed(rel['brierlm'], 3):>6} "
+        value, error, _ = quality_relative_to_fp32(row, _reference_row(report, row))
+        quality = fixed(value, 3) + ("" if error is None else f" ±{error:.3f}")
+        lines.append(f"{row['label']:<34} {row['bytes'] / 1e6:>7.2f} {row['brierlm']:>8.2f} {row['brier_1']:>8.4f} "
+                     f"{quality:>15} {row['paired_with_fp32']['identical_draws']:>5.0%} "
                      f"{fixed(row['reconstruction_token_accuracy'], 4):>7} {row['decode_tokens_per_second']:>8.1f} "
                      f"{fixed(rel['decode_speedup'], 2):>7}")
+    measures = sorted({quality_relative_to_fp32(r, _reference_row(report, r))[2] for r in report["rows"]})
+    lines.append(f"quality: relative to fp32 by {' / '.join(measures)} (± one standard error); "
+                 "same: positions whose draws equal fp32's")
     return "\n".join(lines)
 
 
@@ -136,17 +176,21 @@ def plot(report, path):
 
     fig, ax = plt.subplots(figsize=(7, 5))
     colours = {"calm": "tab:blue", "ar": "tab:orange"}
+    measures = set()
     for kind in sorted({row["kind"] for row in report["rows"]}):
         rows = [row for row in report["rows"] if row["kind"] == kind]
         xs = [row["relative_to_fp32"]["decode_speedup"] for row in rows]
-        ys = [row["relative_to_fp32"]["brierlm"] or 0.0 for row in rows]
-        ax.scatter(xs, ys, color=colours.get(kind), label=kind.upper(), zorder=3)
+        quality = [quality_relative_to_fp32(row, _reference_row(report, row)) for row in rows]
+        ys = [q[0] or 0.0 for q in quality]
+        errors = [q[1] or 0.0 for q in quality]
+        measures |= {q[2] for q in quality}
+        ax.errorbar(xs, ys, yerr=errors, fmt="o", color=colours.get(kind), label=kind.upper(), zorder=3, capsize=3)
         for row, x, y in zip(rows, xs, ys):
             ax.annotate(row["label"].split(" ", 1)[1], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.axhline(0.97, color="grey", linestyle=":", linewidth=1, label="-3% BrierLM")
+    ax.axhline(0.97, color="grey", linestyle=":", linewidth=1, label="-3% quality")
     ax.axvline(1.5, color="grey", linestyle="--", linewidth=1, label="1.5x decode speed")
     ax.set_xlabel("decode tokens/s at batch 1, relative to fp32")
-    ax.set_ylabel("BrierLM relative to fp32")
+    ax.set_ylabel(f"{' / '.join(sorted(measures))} relative to fp32 (± 1 s.e.)")
     ax.set_title("Quantization: quality against speed (CPU)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

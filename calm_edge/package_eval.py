@@ -49,8 +49,8 @@ def reconstruction(model, autoencoder, sources, text_field="text", detokenize="n
 
 def evaluate_model_package(path, sources, autoencoder=None, context=256, stride=32, max_positions=2000, seed=0,
                            text_field="text", detokenize="none", reconstruction_tokens=None, threads=None,
-                           progress=True):
-    """The report of `calm-edge eval package` for the package at `path`."""
+                           progress=True, samples=None):
+    """The report of `calm-edge eval package` for the package at `path` (`samples`: see `evaluate_brierlm`)."""
     from calm_edge.evaluate import evaluate_package
     from calm_edge.runtime.model import Model
 
@@ -64,7 +64,7 @@ def evaluate_model_package(path, sources, autoencoder=None, context=256, stride=
         "graph_modes": manifest["quantization"]["graphs"],
         "graph_bytes": {name: g["bytes"] for name, g in manifest["graphs"].items()},
         **evaluate_package(model, sources, context=context, stride=stride, max_positions=max_positions, seed=seed,
-                           text_field=text_field, detokenize=detokenize, progress=progress),
+                           text_field=text_field, detokenize=detokenize, progress=progress, samples=samples),
     }
     if model.kind == "calm":
         autoencoder = autoencoder or default_autoencoder(manifest)

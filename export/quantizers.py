@@ -7,7 +7,10 @@
     fp16          every float weight and op in float16, inputs and outputs kept float32 so the
                   package's signature is unchanged (onnxruntime.transformers.float16)
     int4          weight-only: MatMul weights to 4-bit blocks of `INT4_BLOCK_SIZE` with one scale
-                  each, run by the MatMulNBits kernel (matmul_nbits_quantizer)
+                  each, run by the MatMulNBits kernel, and the token embedding tables (Gather) in
+                  the same blocks along the hidden axis, run by GatherBlockQuantized
+                  (matmul_nbits_quantizer); without the tables an int4 package at vocabulary
+                  8,192 would still carry 12.6 MB of fp32 embeddings
 
 Both int8 modes quantize only MatMuls whose second input is a weight: the attention products of
 two activations (QK^T, attention x V) stay float, because their ranges change with the prompt
@@ -24,6 +27,7 @@ from calm_edge.errors import CalmEdgeError
 
 INT4_BLOCK_SIZE = 32  # the small models' widths (256..1024) are multiples; smaller blocks keep more precision
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations on CPU: the fast path
+INT4_OPSET = 21  # the first opset with a 4-bit tensor type
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,10 @@ def _quiet_tools():
     """ONNX Runtime's quantization tools log every node at INFO and advise shape pre-processing at
     WARNING (our exported graphs carry their shapes); keep the user's console readable. Failures
     still raise."""
+    # The int4 tool calls logging.basicConfig(level=INFO) when imported, which would undo the
+    # level set below if the import came later.
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
+
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
@@ -123,11 +131,24 @@ def _fp16(source, target, _feeds):
 
 def _int4(source, target, _feeds):
     import onnx
+    from onnx.version_converter import convert_version
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(source), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
-                                     accuracy_level=INT4_ACCURACY_LEVEL)
+    # 4-bit tensors (the quantized embedding table) need opset 21. Left alone, the tool would only
+    # relabel our opset-17 graph, which then fails to load (ReduceMean's axes moved from an
+    # attribute to an input in opset 18); ONNX's converter rewrites the graph properly.
+    model = onnx.load(source)
+    if max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < INT4_OPSET:
+        model = convert_version(model, INT4_OPSET)
+
+    # Gather along axis 1: each embedding row (one token) is cut into blocks of the hidden axis, so
+    # a lookup dequantizes only the rows it reads.
+    axes = (("MatMul", 0), ("Gather", 1))
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
+                                     accuracy_level=INT4_ACCURACY_LEVEL, op_types_to_quantize=("MatMul", "Gather"),
+                                     quant_axes=axes)
     quantizer.process()
     quantizer.model.save_model_to_file(target, use_external_data_format=False)
     return {"tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer", "bits": 4,
-            "block_size": INT4_BLOCK_SIZE, "symmetric": True, "accuracy_level": INT4_ACCURACY_LEVEL}
+            "block_size": INT4_BLOCK_SIZE, "symmetric": True, "accuracy_level": INT4_ACCURACY_LEVEL,
+            "op_types": ["MatMul", "Gather"], "quant_axes": dict(axes), "opset": INT4_OPSET}

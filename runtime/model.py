@@ -100,7 +100,7 @@ def session_providers(provider, manifest, graph, engine_cache=None):
 class Model:
     """A model package opened for generation on one execution provider."""
 
-    def __init__(self, path, provider="cpu", threads=None, engine_cache=None, verify=True):
+    def __init__(self, path, provider="cpu", threads=None, engine_cache=None, verify=True, spinning=False):
         ort = _onnxruntime()
         self.path = Path(path)
         self.manifest = package.read_manifest(self.path, verify=verify)
@@ -120,6 +120,12 @@ class Model:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        # ONNX Runtime's worker threads busy-wait for the next op by default, and keep spinning for
+        # a while after a run. A CALM step runs three sessions back to back, each with its own
+        # pool, so the pool that just finished spins on the cores the next one needs; on a small
+        # CPU shared with anything else, so does every pool. Off unless asked for (measured in
+        # README: Performance).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.sessions = {}
         for name, graph in self.manifest["graphs"].items():
             providers = session_providers(provider, self.manifest, name, engine_cache)

@@ -66,6 +66,16 @@ def test_batched_equals_one_by_one_and_streaming_equals_whole(packages):
     assert together[0].text == runtime.tokenizer.decode(together[0].token_ids)
 
 
+def test_thread_spinning_is_a_session_setting_off_by_default(packages):
+    """Spinning changes where the CPU waits, never what is computed."""
+    quiet, spinning = Model(packages["calm"], threads=2), Model(packages["calm"], threads=2, spinning=True)
+    for model, expected in ((quiet, "0"), (spinning, "1")):
+        for session in model.sessions.values():
+            assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == expected
+    params = GeneratorParams(max_new_tokens=16, seed=2, stop_at_eos=False)
+    assert generate(quiet, "In the beginning", params).token_ids == generate(spinning, "In the beginning", params).token_ids
+
+
 def test_one_model_serves_four_threads(packages):
     runtime = Model(packages["calm"], threads=1)
     prompts = [f"Prompt number {i} says" for i in range(4)]

@@ -57,9 +57,25 @@ def test_every_mode_gives_a_package_that_loads_and_generates(quantized, packages
 
 def test_weight_modes_shrink_the_graphs(quantized, packages):
     fp32 = package.read_manifest(packages["calm"])["graphs"]["backbone"]["bytes"]
-    # The tiny backbone's float32 token embedding (a Gather, not quantized) is a large part of it.
-    for mode, at_most in (("int8-dynamic", 0.65), ("int4", 0.5), ("fp16", 0.65)):
+    # The int8 modes leave the float32 token embedding (a Gather), a large part of a tiny backbone.
+    for mode, at_most in (("int8-dynamic", 0.65), ("int4", 0.35), ("fp16", 0.65)):
         assert package.read_manifest(quantized["calm", mode])["graphs"]["backbone"]["bytes"] < at_most * fp32, mode
+
+
+@pytest.mark.parametrize("kind, graph", [("calm", "backbone"), ("ar", "ar")])
+def test_int4_quantizes_the_embedding_table(quantized, kind, graph):
+    """int4 leaves no float32 weight behind a Gather: the embedding becomes a GatherBlockQuantized
+    whose 4-bit rows the graph reads, in an opset-21 graph that ONNX Runtime loads."""
+    import onnx
+
+    model = onnx.load(quantized[kind, "int4"] / package.read_manifest(quantized[kind, "int4"])["graphs"][graph]["file"])
+    weights = {init.name: init for init in model.graph.initializer}
+    ops = [node.op_type for node in model.graph.node]
+    assert "GatherBlockQuantized" in ops and "MatMulNBits" in ops
+    float_tables = [node.name for node in model.graph.node if node.op_type == "Gather" and node.input[0] in weights
+                    and weights[node.input[0]].data_type == onnx.TensorProto.FLOAT]
+    assert float_tables == []
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 21
 
 
 def test_int8_static_records_its_calibration(quantized):
@@ -188,6 +204,17 @@ def test_compare_command_writes_the_table_and_the_plot(packages, quantized, corp
         assert reference["relative_to_fp32"]["brierlm"] == pytest.approx(1.0)
     assert reference["relative_to_fp32"]["decode_speedup"] == pytest.approx(1.0)
     assert all(row["decode_tokens_per_second"] > 0 and row["bytes"] > 0 for row in report["rows"])
+    # Paired with itself, fp32 draws the same everywhere; the quantized packages are paired with it.
+    assert reference["paired_with_fp32"]["identical_draws"] == 1.0
+    assert reference["paired_with_fp32"]["brier_1_difference"] == 0.0
+    for row in report["rows"]:
+        paired = row["paired_with_fp32"]
+        assert paired["positions"] == 16 and 0 <= paired["identical_draws"] <= 1
+        assert paired["brier_1_difference"] == pytest.approx(row["brier_1"] - reference["brier_1"])
+        quality = row["quality_relative_to_fp32"]
+        if reference["brierlm"] <= 0 and reference["brier_1"] > 0:
+            assert quality["measure"] == "Brier-1 (paired)"
+            assert quality["value"] == pytest.approx(1 + paired["brier_1_difference"] / reference["brier_1"])
     assert png.read_bytes().startswith(b"\x89PNG")
     assert "int4" in result.stdout
     alone = CliRunner().invoke(main, ["-q", "eval", "compare", str(quantized["ar", "int4"]), "--data", str(corpus_jsonl)])

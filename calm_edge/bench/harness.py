@@ -127,7 +127,7 @@ def _label(index, spec):
 
 def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-work", repeats=5, warmup=1,
               seed=0, candidates=16, text=None, matrix_options=None, provider="cpu", progress=True,
-              log=lambda message: None):
+              log=lambda message: None, spinning=None):
     """Measure, write the JSON report (and CSV, plots) and return it."""
     from calm_edge.bench import output
     from calm_edge.tokenizer import Tokenizer
@@ -164,7 +164,7 @@ def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-wo
         for index, spec in enumerate(specs):
             label = _label(index, spec)
             worker_spec = {"runner": spec, "cells": [c.to_dict() for c in cells], "prompts": prompts,
-                           "repeats": repeats, "warmup": warmup, "seed": seed,
+                           "repeats": repeats, "warmup": warmup, "seed": seed, "spinning": spinning,
                            "results": str((work_dir / f"{label}.results.jsonl").resolve())}
             (work_dir / f"{label}.results.jsonl").unlink(missing_ok=True)
             records, failure = _run_worker(worker_spec, work_dir, label, bar, log)
@@ -183,6 +183,9 @@ def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-wo
         "machine": {"cpu_cores": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "platform": platform.platform(), "python": platform.python_version()},
         "settings": {"repeats": repeats, "warmup": warmup, "seed": seed, "candidates": candidates,
+                     "spinning": {None: "each runtime's default (calm-edge: off; optimum and onnxruntime-genai: "
+                                        "ONNX Runtime's, on)", True: "on in every runner",
+                                  False: "off in every runner"}[spinning],
                      "text": str(text) if text else "built-in prose", "matrix": matrix_options or {},
                      "cells": len(cells)},
         "runners": runners,

@@ -88,10 +88,10 @@ class PackageRunner:
         model = self.manifest["model"]
         return fits_context(cell.prompt_tokens, cell.new_tokens, model["max_context"], model["chunk_size"])
 
-    def load(self, threads):
+    def load(self, threads, spinning=None):
         from calm_edge.runtime.model import Model
 
-        self.model = Model(self.path, provider=self.provider, threads=threads)
+        self.model = Model(self.path, provider=self.provider, threads=threads, spinning=bool(spinning))
 
     def generate(self, prompts, new_tokens, temperature, seed):
         from calm_edge.runtime.generator import GeneratorParams, iterate_steps
@@ -166,12 +166,14 @@ class OptimumRunner(HuggingFacePeer):
         stamp.write_text(json.dumps(source))
         self.prepare_seconds = round(time.perf_counter() - began, 2)
 
-    def load(self, threads):
+    def load(self, threads, spinning=None):
         import onnxruntime as ort
         from optimum.onnxruntime import ORTModelForCausalLM
 
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        if spinning is not None:  # else ONNX Runtime's default (spinning)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.model = ORTModelForCausalLM.from_pretrained(str(self.onnx_dir), session_options=options,
                                                          provider=ORT_PROVIDERS[self.provider], use_cache=True)
         # Time every forward call: the first of a generation is the prefill, the rest decode steps.
@@ -257,15 +259,17 @@ class GenaiRunner(HuggingFacePeer):
         stamp.write_text(json.dumps(source))
         self.prepare_seconds = round(time.perf_counter() - began, 2)
 
-    def load(self, threads):
+    def load(self, threads, spinning=None):
         import onnxruntime_genai as og
 
         config = og.Config(str(self.model_dir))
         if self.target == "cuda":
             config.clear_providers()
             config.append_provider("cuda")
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+        session_options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        if spinning is not None:  # else onnxruntime-genai's default (ONNX Runtime's: spinning)
+            session_options["config_entries"] = {"session.intra_op.allow_spinning": "1" if spinning else "0"}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": session_options}}}))
         self.model = og.Model(config)
 
     def generate(self, prompts, new_tokens, temperature, seed):

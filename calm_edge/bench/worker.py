@@ -87,7 +87,7 @@ def run(spec):
             try:
                 if loaded_threads != cell.threads:
                     runner.model = None  # free the previous sessions before the next load
-                    runner.load(cell.threads)
+                    runner.load(cell.threads, spec.get("spinning"))
                     loaded_threads = cell.threads
                 batch = prompts[cell.prompt_tokens][:cell.batch]
                 stats.reset_peak_rss()

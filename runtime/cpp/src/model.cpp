@@ -31,6 +31,9 @@ Ort::SessionOptions session_options(const ModelOptions& options) {
     session_options.SetIntraOpNumThreads(options.threads);
     session_options.SetInterOpNumThreads(1);
   }
+  // Off by default, as in the Python runtime (runtime/model.py says why: CALM's three sessions
+  // would otherwise spin against each other).
+  session_options.AddConfigEntry("session.intra_op.allow_spinning", options.spinning ? "1" : "0");
   if (options.provider == "cpu") return session_options;
   if (options.provider == "tensorrt")
     throw Error("provider 'tensorrt' is not in the C++ runtime yet (it offers: cpu, cuda); use cuda, or the "
