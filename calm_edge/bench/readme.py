@@ -33,7 +33,9 @@ def section(report, results_path, repo):
     rel = lambda p: Path(p).resolve().relative_to(repo) if Path(p).resolve().is_relative_to(repo) else Path(p)
     lines = [f"**{rel(results_path)}** ({report['created']}, {report['machine']['processor']}, "
              f"{report['machine']['cpu_cores']} cores, {report['provider']} provider, "
-             f"{report['settings']['repeats']} repeats after {report['settings']['warmup']} warm-up)", "",
+             f"{report['settings']['repeats']} repeats after {report['settings']['warmup']} warm-up"
+             + (f"; thread spinning: {report['settings']['spinning']}" if "spinning" in report["settings"] else "")
+             + ")", "",
              "| runner | prompt | threads | decode tokens/s | ms per token (p50 / p99) | time to first token ms | "
              "prefill ms | peak RSS MB | model MB |", "|---|---|---|---|---|---|---|---|---|"]
     for runner in report["runners"]:
