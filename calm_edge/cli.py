@@ -494,8 +494,10 @@ def eval_compare_command(ctx, packages, out, plot_path, speed_tokens, speed_repe
               help="onnx: calm-edge model package; hf: the AR baseline as a Hugging Face Llama checkpoint (for peer runtimes).")
 @click.option("--optimize", is_flag=True,
               help="Apply ONNX Runtime's transformer fusions (RMSNorm) to the backbone / ar graph offline.")
+@click.option("--fused-attention", is_flag=True,
+              help="Write each layer's attention as ONNX Runtime's GroupQueryAttention operator (see README: export).")
 @click.pass_context
-def export_command(ctx, calm_dir, ar_dir, out, force, seed, out_format, optimize):
+def export_command(ctx, calm_dir, ar_dir, out, force, seed, out_format, optimize, fused_attention):
     """Export a trained CALM or AR model to a validated model package (ONNX graphs + manifest).
 
     Example: calm-edge export --calm runs/calm --out packages/calm-small
@@ -517,7 +519,7 @@ def export_command(ctx, calm_dir, ar_dir, out, force, seed, out_format, optimize
                    f"{worst:.2e}, tokenizer identical on sample text")
         return
     manifest = export_package(calm_dir or ar_dir, out, force=force, kind="calm" if calm_dir else "ar", seed=seed,
-                              progress=_progress(ctx), optimize=optimize)
+                              progress=_progress(ctx), optimize=optimize, fused_attention=fused_attention)
     validation = manifest["validation"]
     worst = max((r.get("max_abs_diff", 0.0) for cases in validation["graphs"].values()
                  for outputs in cases.values() for r in outputs.values()), default=0.0)

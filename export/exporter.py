@@ -10,6 +10,7 @@ Steps, all inside a temporary folder that replaces `out` only once everything pa
 
 A failure at any step raises a `CalmEdgeError` and leaves an existing package untouched.
 """
+import copy
 import json
 import logging
 import shutil
@@ -17,6 +18,7 @@ import time
 
 from calm_edge.errors import CalmEdgeError
 from calm_edge.export import graphs, validate
+from calm_edge.export import fused_attention as fused_attention_module
 from calm_edge.export import optimize as optimize_module
 from calm_edge.fileio import atomic_output_dir
 from calm_edge.runtime import package
@@ -69,12 +71,14 @@ def provenance(saved):
 
 
 def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_tokens=64, seed=0, progress=True,
-                   optimize=False):
+                   optimize=False, fused_attention=False):
     """Export the CALM or AR checkpoint at `checkpoint` to the package folder `out`.
 
     kind: "calm" or "ar" to insist on a model kind (the CLI's --calm / --ar), None for either.
     optimize: apply ONNX Runtime's transformer fusions to the backbone / ar graph (`optimize.py`)
     before validation, so the validated graph is the one shipped.
+    fused_attention: write each layer's attention as ONNX Runtime's GroupQueryAttention node
+    (`fused_attention.py`); PyTorch's reference stays the plain model.
     """
     from calm_edge.training.language_models import load_language_model
 
@@ -86,9 +90,15 @@ def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_t
         kind = saved.kind
         section = model_section(kind, saved.config)
         specs = package.graph_specs(kind, section)
-        for name, module in graphs.wrappers(kind, model).items():
+        exported = model
+        if fused_attention:  # a copy, so that validation compares with the model as trained
+            exported = copy.deepcopy(model)
+            fused_attention_module.fuse_attention(exported)
+        for name, module in graphs.wrappers(kind, exported).items():
             log.info("exporting %s", name)
             graphs.export_graph(module, specs[name], section, tmp / specs[name]["file"])
+            if fused_attention:
+                fused_attention_module.place_bias(tmp / specs[name]["file"])
         fused = {}
         if optimize:
             for name in set(specs) & set(optimize_module.FUSABLE_GRAPHS):
@@ -99,8 +109,9 @@ def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_t
         # The manifest first without validation figures, so the runtime can open the folder.
         package.write_manifest(tmp, kind, section, provenance(saved))
         report = validate.validate_package(model, tmp, e2e_prompts=e2e_prompts, e2e_tokens=e2e_tokens, seed=seed,
-                                           progress=progress)
+                                           progress=progress, fused_attention=fused_attention)
         report["export_seconds"] = round(time.perf_counter() - started, 2)
-        report["graph_optimisation"] = {"applied": bool(optimize), "fused_operators": fused}
+        report["graph_optimisation"] = {"applied": bool(optimize), "fused_operators": fused,
+                                        "fused_attention": bool(fused_attention)}
         manifest = package.write_manifest(tmp, kind, section, provenance(saved), validation=report)
     return manifest
