@@ -4,7 +4,7 @@ For every package: its quantization mode (and per graph), graph sizes, BrierLM, 
 reconstruction through its decoder graph, and decode tokens/s at batch 1 on the CPU. Each figure
 is also given relative to the fp32 package of the same kind measured in the same run (speeds
 round-robin, see `calm_edge.decode_speed`), so a table made on a busy or a different machine
-still compares like with like. A PNG plots relative BrierLM against decode speed-up.
+still compares like with like. A PNG plots relative quality against decode speed-up.
 
 Quality is also compared position by position (`paired_with_fp32`): every package draws with the
 same seed and random streams, so a quantized package's Brier-n minus its fp32 package's has a
@@ -140,10 +140,6 @@ def quality_relative_to_fp32(row, reference):
             paired["brier_1_difference_stderr"] / reference["brier_1"], "Brier-1 (paired)")
 
 
-def _reference_row(report, row):
-    return next(r for r in report["rows"] if r["package"] == report["references"][row["kind"]])
-
-
 def table(report):
     """The report as a plain-text table (one line per package)."""
     header = (f"{'package':<34} {'MB':>7} {'BrierLM':>8} {'Brier-1':>8} {'quality':>15} {'same':>5} {'recon':>7} "
@@ -155,20 +151,20 @@ def table(report):
 
     for row in report["rows"]:
         rel = row["relative_to_fp32"]
-        value, error, _ = quality_relative_to_fp32(row, _reference_row(report, row))
-        quality = fixed(value, 3) + ("" if error is None else f" ±{error:.3f}")
+        relative = row["quality_relative_to_fp32"]
+        quality = fixed(relative["value"], 3) + ("" if relative["stderr"] is None else f" ±{relative['stderr']:.3f}")
         lines.append(f"{row['label']:<34} {row['bytes'] / 1e6:>7.2f} {row['brierlm']:>8.2f} {row['brier_1']:>8.4f} "
                      f"{quality:>15} {row['paired_with_fp32']['identical_draws']:>5.0%} "
                      f"{fixed(row['reconstruction_token_accuracy'], 4):>7} {row['decode_tokens_per_second']:>8.1f} "
                      f"{fixed(rel['decode_speedup'], 2):>7}")
-    measures = sorted({quality_relative_to_fp32(r, _reference_row(report, r))[2] for r in report["rows"]})
+    measures = sorted({row["quality_relative_to_fp32"]["measure"] for row in report["rows"]})
     lines.append(f"quality: relative to fp32 by {' / '.join(measures)} (± one standard error); "
                  "same: positions whose draws equal fp32's")
     return "\n".join(lines)
 
 
 def plot(report, path):
-    """Relative BrierLM against decode speed-up, one point per package, one colour per kind."""
+    """Relative quality (± 1 s.e.) against decode speed-up, one point per package, one colour per kind."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,10 +176,10 @@ def plot(report, path):
     for kind in sorted({row["kind"] for row in report["rows"]}):
         rows = [row for row in report["rows"] if row["kind"] == kind]
         xs = [row["relative_to_fp32"]["decode_speedup"] for row in rows]
-        quality = [quality_relative_to_fp32(row, _reference_row(report, row)) for row in rows]
-        ys = [q[0] or 0.0 for q in quality]
-        errors = [q[1] or 0.0 for q in quality]
-        measures |= {q[2] for q in quality}
+        quality = [row["quality_relative_to_fp32"] for row in rows]
+        ys = [q["value"] or 0.0 for q in quality]
+        errors = [q["stderr"] or 0.0 for q in quality]
+        measures |= {q["measure"] for q in quality}
         ax.errorbar(xs, ys, yerr=errors, fmt="o", color=colours.get(kind), label=kind.upper(), zorder=3, capsize=3)
         for row, x, y in zip(rows, xs, ys):
             ax.annotate(row["label"].split(" ", 1)[1], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
