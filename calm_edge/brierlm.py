@@ -101,9 +101,9 @@ def paired_difference(draws, reference_draws):
     records them. When two packages of one model are evaluated with the same seed and random
     streams (common random numbers), they draw the same continuation wherever their
     distributions are close, so the per-position differences are mostly 0 and their mean has a
-    far smaller error than either Brier mean alone: a 3% change of a small Brier score becomes
-    measurable. Returns, per n, the mean difference and its standard error, and the share of
-    positions where both draws were identical.
+    smaller error than the difference of the two means (which adds both means' errors).
+    Returns, per n, the mean difference and its standard error, and the share of positions
+    where both draws were identical.
     """
     if len(draws) != len(reference_draws):
         raise ValueError(f"{len(draws)} positions against {len(reference_draws)}: pair the same positions")
