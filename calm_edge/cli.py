@@ -656,9 +656,9 @@ def generate_command(package_dir, checkpoint, prompt, max_new_tokens, temperatur
               help="Peers' converted models and the workers' logs (reused between runs).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="Execution provider of every runner (GPU: see benchmarks/README.md; keep its results apart).")
-@click.option("--spinning", type=click.Choice(["default", "on", "off"]), default="default", show_default=True,
-              help="ONNX Runtime's worker threads busy-waiting between ops: each runtime's own default "
-                   "(calm-edge off, the peers on), or on/off in every runner alike.")
+@click.option("--spinning", type=click.Choice(["default", "off", "run", "on"]), default="default", show_default=True,
+              help="How ONNX Runtime's worker threads wait: each runtime's own default (calm-edge run, the "
+                   "peers on), or one policy in every runner alike (README: The Python runtime).")
 @click.pass_context
 def bench_command(ctx, packages, peers, hf_dirs, out, prompt_lengths, new_tokens, batch_sizes, threads, temperatures,
                   repeats, warmup, seed, candidates, text, work_dir, provider, spinning):
@@ -674,7 +674,7 @@ def bench_command(ctx, packages, peers, hf_dirs, out, prompt_lengths, new_tokens
     report = run_bench(packages=packages, peers=peers, hf=hf_dirs, out=out, work_dir=work_dir, repeats=repeats,
                        warmup=warmup, seed=seed, candidates=candidates, text=text, matrix_options=matrix,
                        provider=provider, progress=_progress(ctx), log=log.info,
-                       spinning={"default": None, "on": True, "off": False}[spinning])
+                       spinning=None if spinning == "default" else spinning)
     for runner in report["runners"]:
         if runner["status"] != "ok":
             click.echo(f"{runner['name']}: {runner['status']}: {runner['reason']}", err=True)

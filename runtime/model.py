@@ -97,10 +97,30 @@ def session_providers(provider, manifest, graph, engine_cache=None):
     return [("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
 
 
+# How ONNX Runtime's worker threads wait for work: the session options of each policy.
+# ORT's default ("on") keeps them busy-waiting between ops and for a while after a run. A CALM
+# step runs three sessions back to back, each with its own pool, so the pool that just finished
+# spins on the cores the next one needs. "run" spins while a graph runs and stops when it
+# returns: the default, fastest on an otherwise idle CPU. "off" never spins, kindest to other
+# work on the same cores. Measured in README: The Python runtime.
+SPINNING = {
+    "off": {"session.intra_op.allow_spinning": "0"},
+    "run": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
+    "on": {"session.intra_op.allow_spinning": "1"},
+}
+
+
+def spinning_entries(policy):
+    """The session config entries of a spinning policy ("off", "run" or "on")."""
+    if policy not in SPINNING:
+        raise CalmEdgeError(f"spinning={policy!r}: choose one of {', '.join(SPINNING)}")
+    return SPINNING[policy]
+
+
 class Model:
     """A model package opened for generation on one execution provider."""
 
-    def __init__(self, path, provider="cpu", threads=None, engine_cache=None, verify=True, spinning=False):
+    def __init__(self, path, provider="cpu", threads=None, engine_cache=None, verify=True, spinning="run"):
         ort = _onnxruntime()
         self.path = Path(path)
         self.manifest = package.read_manifest(self.path, verify=verify)
@@ -120,12 +140,8 @@ class Model:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        # ONNX Runtime's worker threads busy-wait for the next op by default, and keep spinning for
-        # a while after a run. A CALM step runs three sessions back to back, each with its own
-        # pool, so the pool that just finished spins on the cores the next one needs; on a small
-        # CPU shared with anything else, so does every pool. Off unless asked for (measured in
-        # README: Performance).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        for key, value in spinning_entries(spinning).items():
+            options.add_session_config_entry(key, value)
         self.sessions = {}
         for name, graph in self.manifest["graphs"].items():
             providers = session_providers(provider, self.manifest, name, engine_cache)

@@ -156,6 +156,14 @@ def test_an_unsupported_temperature_is_refused(cpp_build, packages):
                       "not 1/n for a whole number n")
 
 
+def test_spinning_policies_keep_the_tokens_and_a_bad_one_is_refused(cpp_build, packages):
+    common = (packages["calm"], "In the beginning", "--token-ids", "--max-new-tokens", 16, "--seed", 3, "--threads", 2)
+    outputs = {policy: run_program(*common, "--spinning", policy) for policy in ("off", "run", "on")}
+    assert all(done.returncode == 0 for done in outputs.values()), {p: d.stderr for p, d in outputs.items()}
+    assert outputs["off"].stdout == outputs["run"].stdout == outputs["on"].stdout != ""
+    assert_fails_with(run_program(*common, "--spinning", "sometimes"), "spinning='sometimes'", "choose one of off, run, on")
+
+
 def test_a_malformed_command_line_exits_2(cpp_build):
     done = run_program("only-a-package")
     assert done.returncode == 2 and "usage: calm-edge-generate" in done.stderr

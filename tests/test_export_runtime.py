@@ -66,14 +66,28 @@ def test_batched_equals_one_by_one_and_streaming_equals_whole(packages):
     assert together[0].text == runtime.tokenizer.decode(together[0].token_ids)
 
 
-def test_thread_spinning_is_a_session_setting_off_by_default(packages):
-    """Spinning changes where the CPU waits, never what is computed."""
-    quiet, spinning = Model(packages["calm"], threads=2), Model(packages["calm"], threads=2, spinning=True)
-    for model, expected in ((quiet, "0"), (spinning, "1")):
+def test_thread_spinning_policies_are_session_settings(packages):
+    """Spinning changes where the CPU waits, never what is computed; "run" is the default."""
+    models = {policy: Model(packages["calm"], threads=2, **({} if policy == "run" else {"spinning": policy}))
+              for policy in ("off", "run", "on")}
+    expected = {"off": ("0", None), "run": ("1", "1"), "on": ("1", None)}
+
+    def entry(options, key):
+        try:
+            return options.get_session_config_entry(key)
+        except RuntimeError:  # onnxruntime's way of saying the key is not set
+            return None
+
+    for policy, model in models.items():
         for session in model.sessions.values():
-            assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == expected
+            options = session.get_session_options()
+            entries = tuple(entry(options, key) for key in ("session.intra_op.allow_spinning", "session.force_spinning_stop"))
+            assert entries == expected[policy], policy
     params = GeneratorParams(max_new_tokens=16, seed=2, stop_at_eos=False)
-    assert generate(quiet, "In the beginning", params).token_ids == generate(spinning, "In the beginning", params).token_ids
+    tokens = {policy: generate(model, "In the beginning", params).token_ids for policy, model in models.items()}
+    assert tokens["off"] == tokens["run"] == tokens["on"]
+    with pytest.raises(CalmEdgeError, match="spinning='sometimes': choose one of off, run, on"):
+        Model(packages["calm"], spinning="sometimes")
 
 
 def test_one_model_serves_four_threads(packages):

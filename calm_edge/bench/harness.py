@@ -183,9 +183,9 @@ def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-wo
         "machine": {"cpu_cores": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "platform": platform.platform(), "python": platform.python_version()},
         "settings": {"repeats": repeats, "warmup": warmup, "seed": seed, "candidates": candidates,
-                     "spinning": {None: "each runtime's default (calm-edge: off; optimum and onnxruntime-genai: "
-                                        "ONNX Runtime's, on)", True: "on in every runner",
-                                  False: "off in every runner"}[spinning],
+                     "spinning": (f"{spinning} in every runner" if spinning else
+                                  "each runtime's default (calm-edge: run; optimum and onnxruntime-genai: "
+                                  "ONNX Runtime's, on)"),
                      "text": str(text) if text else "built-in prose", "matrix": matrix_options or {},
                      "cells": len(cells)},
         "runners": runners,

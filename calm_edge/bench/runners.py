@@ -88,10 +88,10 @@ class PackageRunner:
         model = self.manifest["model"]
         return fits_context(cell.prompt_tokens, cell.new_tokens, model["max_context"], model["chunk_size"])
 
-    def load(self, threads, spinning=None):
+    def load(self, threads, spinning=None):  # spinning: a policy of runtime.model.SPINNING, None for the default
         from calm_edge.runtime.model import Model
 
-        self.model = Model(self.path, provider=self.provider, threads=threads, spinning=bool(spinning))
+        self.model = Model(self.path, provider=self.provider, threads=threads, spinning=spinning or "run")
 
     def generate(self, prompts, new_tokens, temperature, seed):
         from calm_edge.runtime.generator import GeneratorParams, iterate_steps
@@ -166,14 +166,17 @@ class OptimumRunner(HuggingFacePeer):
         stamp.write_text(json.dumps(source))
         self.prepare_seconds = round(time.perf_counter() - began, 2)
 
-    def load(self, threads, spinning=None):
+    def load(self, threads, spinning=None):  # spinning: a policy of runtime.model.SPINNING, None for the default
         import onnxruntime as ort
         from optimum.onnxruntime import ORTModelForCausalLM
 
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         if spinning is not None:  # else ONNX Runtime's default (spinning)
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+            from calm_edge.runtime.model import spinning_entries
+
+            for key, value in spinning_entries(spinning).items():
+                options.add_session_config_entry(key, value)
         self.model = ORTModelForCausalLM.from_pretrained(str(self.onnx_dir), session_options=options,
                                                          provider=ORT_PROVIDERS[self.provider], use_cache=True)
         # Time every forward call: the first of a generation is the prefill, the rest decode steps.
@@ -259,7 +262,7 @@ class GenaiRunner(HuggingFacePeer):
         stamp.write_text(json.dumps(source))
         self.prepare_seconds = round(time.perf_counter() - began, 2)
 
-    def load(self, threads, spinning=None):
+    def load(self, threads, spinning=None):  # spinning: a policy of runtime.model.SPINNING, None for the default
         import onnxruntime_genai as og
 
         config = og.Config(str(self.model_dir))
@@ -268,7 +271,9 @@ class GenaiRunner(HuggingFacePeer):
             config.append_provider("cuda")
         session_options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
         if spinning is not None:  # else onnxruntime-genai's default (ONNX Runtime's: spinning)
-            session_options["config_entries"] = {"session.intra_op.allow_spinning": "1" if spinning else "0"}
+            from calm_edge.runtime.model import spinning_entries
+
+            session_options["config_entries"] = dict(spinning_entries(spinning))
         config.overlay(json.dumps({"model": {"decoder": {"session_options": session_options}}}))
         self.model = og.Model(config)
 

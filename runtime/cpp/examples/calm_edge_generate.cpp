@@ -22,7 +22,7 @@ const char* kUsage =
     "  --temperature T      1/n for a whole number n, as 0.5 or 1/2 (default 1)\n"
     "  --max-new-tokens N   tokens to generate at most (default 64)\n"
     "  --threads N          ONNX Runtime intra-op threads (default: its choice)\n"
-    "  --spinning           let ONNX Runtime's threads busy-wait between ops (default off)\n"
+    "  --spinning P         how ONNX Runtime's threads wait: off, run or on (default run)\n"
     "  --method M           CALM temperature sampling: batch or exact (default batch)\n"
     "  --candidates N       chunks drawn per step by the batch approximation (default 16)\n"
     "  --stop TEXT          stop before TEXT (may be given several times)\n"
@@ -91,7 +91,7 @@ Options parse_arguments(int argc, char** argv) {
       options.model.threads = static_cast<int>(parse_whole(argument, value()));
       if (options.model.threads < 1) throw UsageError{"--threads must be at least 1"};
     } else if (argument == "--spinning") {
-      options.model.spinning = true;
+      options.model.spinning = value();
     } else if (argument == "--method") {
       options.params.method = value();
     } else if (argument == "--candidates") {

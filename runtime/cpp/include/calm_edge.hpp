@@ -73,7 +73,7 @@ class Tokenizer {
 struct ModelOptions {
   std::string provider = "cpu";  // "cpu" or "cuda" (the latter needs an ONNX Runtime built with CUDA)
   int threads = 0;               // intra-op threads; 0 lets ONNX Runtime choose
-  bool spinning = false;         // let worker threads busy-wait between ops (the Python runtime's default too)
+  std::string spinning = "run";  // how worker threads wait: "off", "run" (spin only while a graph runs) or "on"
   bool verify = true;            // check the sha256 of every file of the package
 };
 

@@ -31,9 +31,16 @@ Ort::SessionOptions session_options(const ModelOptions& options) {
     session_options.SetIntraOpNumThreads(options.threads);
     session_options.SetInterOpNumThreads(1);
   }
-  // Off by default, as in the Python runtime (runtime/model.py says why: CALM's three sessions
-  // would otherwise spin against each other).
-  session_options.AddConfigEntry("session.intra_op.allow_spinning", options.spinning ? "1" : "0");
+  // The spinning policies of the Python runtime (runtime/model.py says why "run" is the default:
+  // with ONNX Runtime's own, CALM's three sessions spin against each other).
+  if (options.spinning == "off") {
+    session_options.AddConfigEntry("session.intra_op.allow_spinning", "0");
+  } else if (options.spinning == "run" || options.spinning == "on") {
+    session_options.AddConfigEntry("session.intra_op.allow_spinning", "1");
+    if (options.spinning == "run") session_options.AddConfigEntry("session.force_spinning_stop", "1");
+  } else {
+    throw Error("spinning='" + options.spinning + "': choose one of off, run, on");
+  }
   if (options.provider == "cpu") return session_options;
   if (options.provider == "tensorrt")
     throw Error("provider 'tensorrt' is not in the C++ runtime yet (it offers: cpu, cuda); use cuda, or the "
