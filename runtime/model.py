@@ -101,7 +101,7 @@ def session_providers(provider, manifest, graph, engine_cache=None):
 # ORT's default ("on") keeps them busy-waiting between ops and for a while after a run. A CALM
 # step runs three sessions back to back, each with its own pool, so the pool that just finished
 # spins on the cores the next one needs. "run" spins while a graph runs and stops when it
-# returns: the default, fastest on an otherwise idle CPU. "off" never spins, kindest to other
+# returns: the default, CALM's fastest on an otherwise idle CPU. "off" never spins, kindest to other
 # work on the same cores. Measured in README: The Python runtime.
 SPINNING = {
     "off": {"session.intra_op.allow_spinning": "0"},
