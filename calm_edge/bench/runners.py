@@ -126,6 +126,21 @@ class HuggingFacePeer:
     def fits(self, cell):
         return fits_context(cell.prompt_tokens, cell.new_tokens, self.config["max_position_embeddings"])
 
+    def _convert_once(self, folder, convert):
+        """Run `convert()` to fill `folder` from the Hugging Face folder, unless a stamp there says
+        it already holds the conversion of these very weights; record how long it took."""
+        stamp = Path(folder) / "source.json"
+        weights = (self.hf_dir / "model.safetensors").stat()
+        source = {"config": self.config, "weights_bytes": weights.st_size, "weights_mtime": weights.st_mtime}
+        if stamp.is_file() and json.loads(stamp.read_text()) == source:
+            self.prepare_seconds = 0.0
+            return
+        began = time.perf_counter()
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        convert()
+        stamp.write_text(json.dumps(source))
+        self.prepare_seconds = round(time.perf_counter() - began, 2)
+
 
 class OptimumRunner(HuggingFacePeer):
     """The AR weights through optimum's ORTModelForCausalLM (ONNX Runtime, fp32)."""
@@ -150,21 +165,15 @@ class OptimumRunner(HuggingFacePeer):
         except ImportError as e:
             raise PeerUnavailable(f"optimum's ONNX Runtime backend cannot be imported ({e}); "
                                   "pip install optimum-onnx (see benchmarks/README.md)") from None
-        stamp = self.onnx_dir / "source.json"
-        source = {"config": self.config, "weights_bytes": (self.hf_dir / "model.safetensors").stat().st_size,
-                  "weights_mtime": (self.hf_dir / "model.safetensors").stat().st_mtime}
-        if stamp.is_file() and json.loads(stamp.read_text()) == source:
-            self.prepare_seconds = 0.0
-            return
-        began = time.perf_counter()
-        try:
-            self.onnx_dir.mkdir(parents=True, exist_ok=True)
-            model = ORTModelForCausalLM.from_pretrained(str(self.hf_dir), export=True, use_cache=True)
-            model.save_pretrained(str(self.onnx_dir))
-        except Exception as e:  # any failure of a third-party exporter is reported, not raised
-            raise PeerUnavailable(f"optimum could not export {self.hf_dir} to ONNX: {type(e).__name__}: {e}") from None
-        stamp.write_text(json.dumps(source))
-        self.prepare_seconds = round(time.perf_counter() - began, 2)
+
+        def export():
+            try:
+                model = ORTModelForCausalLM.from_pretrained(str(self.hf_dir), export=True, use_cache=True)
+                model.save_pretrained(str(self.onnx_dir))
+            except Exception as e:  # any failure of a third-party exporter is reported, not raised
+                raise PeerUnavailable(f"optimum could not export {self.hf_dir} to ONNX: {type(e).__name__}: {e}") from None
+
+        self._convert_once(self.onnx_dir, export)
 
     def load(self, threads, spinning=None):  # spinning: a policy of runtime.model.SPINNING, None for the default
         import onnxruntime as ort
@@ -247,20 +256,15 @@ class GenaiRunner(HuggingFacePeer):
         except ImportError as e:
             raise PeerUnavailable(f"onnxruntime-genai cannot be imported ({e}); pip install onnxruntime-genai "
                                   "(see benchmarks/README.md for the version that works with optimum-onnx)") from None
-        stamp = self.model_dir / "source.json"
-        source = {"config": self.config, "weights_mtime": (self.hf_dir / "model.safetensors").stat().st_mtime}
-        if stamp.is_file() and json.loads(stamp.read_text()) == source:
-            self.prepare_seconds = 0.0
-            return
-        began = time.perf_counter()
-        self.model_dir.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(self.builder_command(), capture_output=True, text=True)
-        if done.returncode != 0:
-            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise PeerUnavailable(f"onnxruntime-genai's model builder failed on {self.hf_dir} "
-                                  f"(exit {done.returncode}): {last[0]}")
-        stamp.write_text(json.dumps(source))
-        self.prepare_seconds = round(time.perf_counter() - began, 2)
+
+        def build():
+            done = subprocess.run(self.builder_command(), capture_output=True, text=True)
+            if done.returncode != 0:
+                last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise PeerUnavailable(f"onnxruntime-genai's model builder failed on {self.hf_dir} "
+                                      f"(exit {done.returncode}): {last[0]}")
+
+        self._convert_once(self.model_dir, build)
 
     def load(self, threads, spinning=None):  # spinning: a policy of runtime.model.SPINNING, None for the default
         import onnxruntime_genai as og
