@@ -21,10 +21,9 @@ wraps the trained projections), so the traced values and the validation referenc
 unchanged; only the ONNX node differs.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from calm_edge.models.backbone import Attention, apply_rotary
+from calm_edge.models.backbone import Attention, apply_rotary, grouped_attention
 
 
 class _GroupQueryAttention(torch.autograd.Function):
@@ -35,13 +34,13 @@ class _GroupQueryAttention(torch.autograd.Function):
         # query [B, S, H*D], key/value [B, S, KV*D], past [B, KV, P, D], bias [B, 1, S, P+S]
         batch, length, _ = query.shape
         head_dim = query.shape[-1] // num_heads
-        q = query.view(batch, length, num_heads, head_dim).transpose(1, 2)
-        k = torch.cat([past_key, key.view(batch, length, num_kv_heads, head_dim).transpose(1, 2)], dim=2)
-        v = torch.cat([past_value, value.view(batch, length, num_kv_heads, head_dim).transpose(1, 2)], dim=2)
-        groups = num_heads // num_kv_heads
-        out = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1),
-                                             attn_mask=bias)
-        return out.transpose(1, 2).reshape(batch, length, num_heads * head_dim), k, v
+
+        def heads(x, count):
+            return x.view(batch, length, count, head_dim).transpose(1, 2)
+
+        out, present_key, present_value = grouped_attention(heads(query, num_heads), heads(key, num_kv_heads),
+                                                            heads(value, num_kv_heads), bias, past_key, past_value)
+        return out.transpose(1, 2).reshape(batch, length, num_heads * head_dim), present_key, present_value
 
     @staticmethod
     def symbolic(g, query, key, value, past_key, past_value, bias, num_heads, num_kv_heads):

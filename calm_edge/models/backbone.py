@@ -65,6 +65,20 @@ def apply_rotary(x, cos, sin):
     return x * cos + _rotate_half(x) * sin
 
 
+def grouped_attention(q, k, v, mask, past_key=None, past_value=None):
+    """Attention of q [B, H, S, D] over the cache plus k, v [B, KV, S, D]; returns (out, present_key, present_value)."""
+    if past_key is not None:
+        k = torch.cat([past_key, k], dim=2)
+        v = torch.cat([past_value, v], dim=2)
+    present_key, present_value = k, v
+    # Grouped-query attention: each key/value head serves H / KV query heads.
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), present_key, present_value
+
+
 class Attention(nn.Module):
     def __init__(self, config: BackboneConfig):
         super().__init__()
@@ -81,16 +95,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past_key is not None:
-            k = torch.cat([past_key, k], dim=2)
-            v = torch.cat([past_value, v], dim=2)
-        present_key, present_value = k, v
-        # Grouped-query attention: each key/value head serves num_heads / num_kv_heads query heads.
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out, present_key, present_value = grouped_attention(q, k, v, mask, past_key, past_value)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return self.o_proj(out), present_key, present_value
 
