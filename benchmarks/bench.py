@@ -16,6 +16,11 @@ paper-dims measures two pairings in one run, each CALM against Transformer-S-siz
 The contexts are cut to what the matrix needs (prompt 512 + 256 new tokens), because the
 runtime preallocates the key/value cache for the whole context; speed does not depend on it.
 
+`--fused-attention` exports the calm-edge packages with ONNX Runtime's fused attention and
+rotary operators (`calm-edge export --fused-attention`), as a CPU deployment would ship them;
+onnxruntime-genai's model builder writes the same fused operators into its graph. Those packages
+get a "-fused" suffix, so plain and fused packages live side by side under --work.
+
 `--layers N` builds the same widths with N layers (a quick end-to-end check of the path), and
 `--quick` shrinks the matrix; neither writes to benchmarks/results unless --out says so. Options
 after `--` go to `calm-edge bench` unchanged (e.g. `-- --provider cuda --threads 1`).
@@ -46,15 +51,15 @@ def calm_edge(*args):
     run([sys.executable, "-m", "calm_edge.cli", *args])
 
 
-def export(run_dir, kind, package, hf=None):
+def export(run_dir, kind, package, hf=None, fused=False):
     """The package (and the AR's Hugging Face folder) of a run, unless they already exist."""
     if not Path(package).exists():
-        calm_edge("export", f"--{kind}", run_dir, "--out", package)
+        calm_edge("export", f"--{kind}", run_dir, "--out", package, *(["--fused-attention"] if fused else []))
     if hf is not None and not Path(hf).exists():
         calm_edge("export", "--ar", run_dir, "--format", "hf", "--out", hf)
 
 
-def export_random(run_dir, kind, package, hf=None):
+def export_random(run_dir, kind, package, hf=None, fused=False):
     """Like `export`, with the end-to-end check cut to 1 prompt x 16 tokens.
 
     Every graph is still validated against PyTorch on random and real inputs; only the token-for-
@@ -66,8 +71,9 @@ def export_random(run_dir, kind, package, hf=None):
     from calm_edge.export.huggingface import export_hf
 
     if not Path(package).exists():
-        print(f"+ export {kind} {run_dir} -> {package} (end-to-end check: 1 prompt x 16 tokens)", flush=True)
-        export_package(run_dir, package, kind=kind, e2e_prompts=1, e2e_tokens=16)
+        print(f"+ export {kind} {run_dir} -> {package} (end-to-end check: 1 prompt x 16 tokens"
+              f"{', fused attention' if fused else ''})", flush=True)
+        export_package(run_dir, package, kind=kind, e2e_prompts=1, e2e_tokens=16, fused_attention=fused)
     if hf is not None and not Path(hf).exists():
         print(f"+ export {run_dir} --format hf -> {hf}", flush=True)
         export_hf(run_dir, hf)
@@ -92,10 +98,11 @@ def paper_dims(args):
         settings = CONTEXT + overrides + layers
         for kind in ("calm", "ar"):
             name = f"{kind}-{vocab}" + (f"-{args.layers}l" if args.layers else "")
+            package = work / "packages" / (name + ("-fused" if args.fused_attention else ""))
             random_run(work / "runs" / name, kind, settings, args.tokenizer)
-            export_random(work / "runs" / name, kind, work / "packages" / name,
-                          work / "hf" / name if kind == "ar" else None)
-            packages.append(work / "packages" / name)
+            export_random(work / "runs" / name, kind, package, work / "hf" / name if kind == "ar" else None,
+                          args.fused_attention)
+            packages.append(package)
             if kind == "ar":
                 hf_dirs.append(work / "hf" / name)
     return packages, hf_dirs
@@ -111,6 +118,8 @@ def main():
                              "prompt and 256 new tokens; rotary positions, same weights); 0 keeps the trained one.")
     parser.add_argument("--tokenizer", default="runs/tok", help="paper-dims: the tokenizer to pad to the vocabularies.")
     parser.add_argument("--layers", type=int, default=None, help="paper-dims: fewer layers, for a quick check.")
+    parser.add_argument("--fused-attention", action="store_true",
+                        help="Export the calm-edge packages with fused attention (a '-fused' suffix).")
     parser.add_argument("--work", default=None, help="Where packages and converted models go (default bench-work/SUITE).")
     parser.add_argument("--quick", action="store_true", help="A small matrix (a check that everything runs).")
     parser.add_argument("--out", default=None, help="Report JSON (default benchmarks/results/bench_<suite>.json).")
@@ -121,7 +130,8 @@ def main():
     args.work = args.work or f"bench-work/{args.suite}"
     if args.suite == "small":
         work = Path(args.work)
-        export(args.calm_run, "calm", work / "packages" / "calm-small")
+        suffix = "-fused" if args.fused_attention else ""
+        export(args.calm_run, "calm", work / "packages" / f"calm-small{suffix}", fused=args.fused_attention)
         ar_run = args.ar_run
         if args.ar_context:  # same weights, a context that holds a 512-token prompt and 256 new tokens
             ar_run = work / "runs" / f"ar-small-ctx{args.ar_context}"
@@ -130,8 +140,9 @@ def main():
 
                 print(f"+ {args.ar_run} with a context of {args.ar_context} tokens -> {ar_run}", flush=True)
                 widened_checkpoint(args.ar_run, ar_run, args.ar_context)
-        export(ar_run, "ar", work / "packages" / "ar-small", work / "hf" / "ar-small")
-        packages, hf_dirs = [work / "packages" / "calm-small", work / "packages" / "ar-small"], [work / "hf" / "ar-small"]
+        export(ar_run, "ar", work / "packages" / f"ar-small{suffix}", work / "hf" / "ar-small", fused=args.fused_attention)
+        packages = [work / "packages" / f"calm-small{suffix}", work / "packages" / f"ar-small{suffix}"]
+        hf_dirs = [work / "hf" / "ar-small"]
     else:
         packages, hf_dirs = paper_dims(args)
     if args.out is None and (args.quick or args.layers):

@@ -647,6 +647,9 @@ def generate_command(package_dir, checkpoint, prompt, max_new_tokens, temperatur
 @click.option("--temperatures", default="1,1/2", show_default=True, help="T = 1/n values.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per cell (median, p90, p99).")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs per cell first.")
+@click.option("--rounds", type=int, default=1, show_default=True,
+              help="Times the runners take turns (each with --repeats runs per cell); ratios are then the "
+                   "median of the rounds' ratios, robust to the machine's drift.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--candidates", type=int, default=16, show_default=True,
               help="CALM's batch approximation at T < 1: chunks drawn per step.")
@@ -661,7 +664,7 @@ def generate_command(package_dir, checkpoint, prompt, max_new_tokens, temperatur
                    "peers on), or one policy in every runner alike (README: The Python runtime).")
 @click.pass_context
 def bench_command(ctx, packages, peers, hf_dirs, out, prompt_lengths, new_tokens, batch_sizes, threads, temperatures,
-                  repeats, warmup, seed, candidates, text, work_dir, provider, spinning):
+                  repeats, warmup, rounds, seed, candidates, text, work_dir, provider, spinning):
     """Measure latency, throughput and memory of packages and peer runtimes on the same prompts.
 
     Example: calm-edge bench --package packages/calm-small --package packages/ar-small
@@ -674,7 +677,7 @@ def bench_command(ctx, packages, peers, hf_dirs, out, prompt_lengths, new_tokens
     report = run_bench(packages=packages, peers=peers, hf=hf_dirs, out=out, work_dir=work_dir, repeats=repeats,
                        warmup=warmup, seed=seed, candidates=candidates, text=text, matrix_options=matrix,
                        provider=provider, progress=_progress(ctx), log=log.info,
-                       spinning=None if spinning == "default" else spinning)
+                       spinning=None if spinning == "default" else spinning, rounds=rounds)
     for runner in report["runners"]:
         if runner["status"] != "ok":
             click.echo(f"{runner['name']}: {runner['status']}: {runner['reason']}", err=True)

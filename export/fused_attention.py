@@ -7,10 +7,17 @@ spends a large share of its time between small ops instead of reading weights. T
 swaps each layer's attention for a module whose ONNX form is one `com.microsoft`
 GroupQueryAttention node, which does all of that in one kernel and returns the new cache.
 
+Rotary embeddings become one `com.microsoft` RotaryEmbedding node each for queries and keys,
+in place of the ~10 small ops (slices, negation, concatenation, products, and the head
+reshapes and transposes around them) that PyTorch's form traces to. The node looks its cos and
+sin up in a cache by position id; we hand it the backbone's own per-token cos and sin,
+flattened into a [batch x S, head_dim / 2] cache, with position ids 0 .. batch x S - 1, so every
+row keeps its own positions (left padding shifts them) and the values are the ones PyTorch uses.
+
 What stays the same: the graph's inputs and outputs (the package format does not change, and
-both runtimes load the graph as before), rotary embeddings (applied before the node, as in
-PyTorch), and the additive mask, passed as the node's attention_bias so left-padded batches
-are masked exactly as before; seqlens_k is then every row's full length.
+both runtimes load the graph as before), and the additive mask, passed as the node's
+attention_bias so left-padded batches are masked exactly as before; seqlens_k is then every
+row's full length.
 
 Limit, from the operator: a call with both a cache and more than one new position must have
 batch 1. The runtimes never make such a call (a prompt is one call on an empty cache, then
@@ -24,6 +31,24 @@ import torch
 from torch import nn
 
 from calm_edge.models.backbone import Attention, apply_rotary, grouped_attention
+
+
+class _RotaryEmbedding(torch.autograd.Function):
+    """`apply_rotary` on x [B, S, heads*D] with a looked-up cos/sin; exported as one RotaryEmbedding node."""
+
+    @staticmethod
+    def forward(ctx, x, position_ids, cos_cache, sin_cache, num_heads):
+        # position_ids [B, S] index the rows of cos_cache / sin_cache [P, D/2].
+        batch, length, width = x.shape
+        cos, sin = cos_cache[position_ids], sin_cache[position_ids]
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+        heads = x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
+        return apply_rotary(heads, cos, sin).transpose(1, 2).reshape(batch, length, width)
+
+    @staticmethod
+    def symbolic(g, x, position_ids, cos_cache, sin_cache, num_heads):
+        return g.op("com.microsoft::RotaryEmbedding", x, position_ids, cos_cache, sin_cache,
+                    num_heads_i=num_heads, interleaved_i=0)
 
 
 class _GroupQueryAttention(torch.autograd.Function):
@@ -68,11 +93,12 @@ class FusedAttention(nn.Module):
         batch, length, _ = x.shape
         if past_key is None:  # an empty cache, as the runtimes pass it on a prompt
             past_key = past_value = x.new_zeros(batch, a.num_kv_heads, 0, a.head_dim)
-        q = a.q_proj(x).view(batch, length, a.num_heads, a.head_dim).transpose(1, 2)
-        k = a.k_proj(x).view(batch, length, a.num_kv_heads, a.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q = q.transpose(1, 2).reshape(batch, length, a.num_heads * a.head_dim)
-        k = k.transpose(1, 2).reshape(batch, length, a.num_kv_heads * a.head_dim)
+        # Each token's own cos and sin (first half; the second repeats it) as the rotary cache.
+        half = a.head_dim // 2
+        cos_cache, sin_cache = cos[..., :half].reshape(-1, half), sin[..., :half].reshape(-1, half)
+        position_ids = torch.arange(batch * length, device=x.device).view(batch, length)
+        q = _RotaryEmbedding.apply(a.q_proj(x), position_ids, cos_cache, sin_cache, a.num_heads)
+        k = _RotaryEmbedding.apply(a.k_proj(x), position_ids, cos_cache, sin_cache, a.num_kv_heads)
         out, present_key, present_value = _GroupQueryAttention.apply(q, k, a.v_proj(x), past_key, past_value, mask,
                                                                      a.num_heads, a.num_kv_heads)
         return a.o_proj(out), present_key, present_value

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -70,6 +71,31 @@ def test_bench_writes_json_csv_and_plots(random_packages, tmp_path):
     assert float(rows[0]["decode_tokens_per_s"]) > 0 and rows[0]["step_ms_p99"]
     for plot in ("throughput", "latency", "split"):
         assert (tmp_path / f"bench_{plot}.png").stat().st_size > 1000
+
+
+def test_rounds_pool_the_rates_and_take_the_median_of_the_rounds_ratios(random_packages, tmp_path):
+    matrix = {**TINY_MATRIX, "batch_sizes": "1", "temperatures": "1"}
+    report = harness.run_bench(packages=[random_packages["calm"], random_packages["ar"]], out=tmp_path / "r.json",
+                               work_dir=tmp_path / "work", repeats=2, warmup=0, matrix_options=matrix,
+                               progress=False, rounds=3)
+    assert report["settings"]["rounds"] == 3
+    calm, ar = report["runners"]
+    cell = calm["cells"]["p8-n8-b1-t1-T1"]
+    assert len(cell["decode_tokens_per_s_by_round"]) == 3 and len(cell["decode_tokens_per_s_runs"]) == 6
+    assert cell["decode_tokens_per_s"]["n"] == 6
+    assert cell["decode_tokens_per_s"]["median"] == pytest.approx(np.median(cell["decode_tokens_per_s_runs"]), abs=0.01)
+    assert len(list((tmp_path / "work").glob("*-round3.results.jsonl"))) == 2
+    row = next(r for r in report["comparisons"] if r["cell"] == "p8-n8-b1-t1-T1")
+    by_round = [a / b for a, b in zip(cell["decode_tokens_per_s_by_round"],
+                                      ar["cells"]["p8-n8-b1-t1-T1"]["decode_tokens_per_s_by_round"])]
+    assert row["ratio_by_round"] == pytest.approx(by_round, abs=1e-3)
+    assert row["ratio"] == pytest.approx(float(np.median(by_round)), abs=1e-3)
+
+
+def test_pooling_keeps_a_later_rounds_failure():
+    ok = {"status": "ok", "reason": None, "cells": {}}
+    pooled = harness.pool_rounds([ok, {"status": "failed", "reason": "worker exited with code 1", "cells": {}}])
+    assert pooled["status"] == "failed" and "code 1" in pooled["reason"]
 
 
 def test_cells_that_do_not_fit_the_context_are_reported_as_skipped(random_packages, tmp_path):

@@ -184,8 +184,8 @@ def test_failed_export_leaves_the_old_package_intact(packages, trained_runs, tmp
 
 @pytest.mark.parametrize("kind", ["calm", "ar"])
 def test_fused_attention_export_computes_what_the_plain_one_does(packages, trained_runs, tmp_path, kind):
-    """`--fused-attention`: one GroupQueryAttention node per layer, the same package signature, and
-    the same tokens as the plain package, also for a left-padded batch (the mask rides in the
+    """`--fused-attention`: one GroupQueryAttention and two RotaryEmbedding nodes per layer, the same
+    package signature, and the same tokens as the plain package, also for a left-padded batch (the mask rides in the
     node's attention_bias)."""
     import onnx
 
@@ -200,6 +200,7 @@ def test_fused_attention_export_computes_what_the_plain_one_does(packages, train
     graph = onnx.load(tmp_path / kind / manifest["graphs"][step]["file"])
     ops = [node.op_type for node in graph.graph.node]
     assert ops.count("GroupQueryAttention") == manifest["model"]["num_layers"] and "Tile" not in ops
+    assert ops.count("RotaryEmbedding") == 2 * manifest["model"]["num_layers"] and "Neg" not in ops
     assert all(node.input[10] and not any(node.input[7:10]) for node in graph.graph.node
                if node.op_type == "GroupQueryAttention")  # the bias in its own slot, cos/sin/positions unused
 

@@ -5,6 +5,13 @@ cell the figures of `worker.summarize_cell`; then every CALM-against-AR ratio of
 beside its ideal from the weights-read model (`calm_edge.weights_read`), and the cost of a
 T = 1/2 step against a T = 1 step. A peer that cannot be installed, converted or run appears
 with the reason, never silently dropped.
+
+Rounds (`--rounds R`): the runners take turns R times, each turn a fresh worker with `repeats`
+timed runs per cell. This machine's speed drifts by tens of percent over minutes, and runners
+measured one after the other then see different machines; with rounds every runner sees every
+period. Decode tokens/s is then pooled over all rounds, and a CALM-against-AR ratio is the
+median of the rounds' own ratios (each from runners measured minutes apart), listed beside it.
+The other figures of a cell (latencies, the per-graph split, memory) are the first round's.
 """
 import datetime
 import json
@@ -13,6 +20,8 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from calm_edge import weights_read
 from calm_edge.bench import stats
@@ -127,15 +136,16 @@ def _label(index, spec):
 
 def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-work", repeats=5, warmup=1,
               seed=0, candidates=16, text=None, matrix_options=None, provider="cpu", progress=True,
-              log=lambda message: None, spinning=None):
+              log=lambda message: None, spinning=None, rounds=1):
     """Measure, write the JSON report (and CSV, plots) and return it."""
     from calm_edge.bench import output
     from calm_edge.tokenizer import Tokenizer
 
     packages, peers = [Path(p) for p in packages], list(peers)
     hf_dirs = [hf] if isinstance(hf, (str, Path)) else list(hf or ())
-    if repeats < 1 or warmup < 0:
-        raise CalmEdgeError(f"--repeats {repeats} / --warmup {warmup}: need at least 1 repeat and 0 or more warm-up runs")
+    if repeats < 1 or warmup < 0 or rounds < 1:
+        raise CalmEdgeError(f"--repeats {repeats} / --warmup {warmup} / --rounds {rounds}: need at least 1 repeat, "
+                            "0 or more warm-up runs and at least 1 round")
     if provider != "cpu":
         from calm_edge.runtime.model import available_providers
 
@@ -158,22 +168,27 @@ def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-wo
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(specs) * len(cells), desc="bench", unit="cell")
-    runners = []
+        bar = tqdm(total=rounds * len(specs) * len(cells), desc="bench", unit="cell")
+    by_round = [[] for _ in specs]  # per spec, one assembled runner per round
     try:
-        for index, spec in enumerate(specs):
-            label = _label(index, spec)
-            worker_spec = {"runner": spec, "cells": [c.to_dict() for c in cells], "prompts": prompts,
-                           "repeats": repeats, "warmup": warmup, "seed": seed, "spinning": spinning,
-                           "results": str((work_dir / f"{label}.results.jsonl").resolve())}
-            (work_dir / f"{label}.results.jsonl").unlink(missing_ok=True)
-            records, failure = _run_worker(worker_spec, work_dir, label, bar, log)
-            runners.append(_assemble_runner(spec, records, failure, manifests, len(hf_dirs) > 1))
-            if bar is not None:  # cells a failed or unavailable runner never reached
-                bar.update(len(cells) - len(runners[-1]["cells"]) if runners[-1]["status"] != "ok" else 0)
+        for round_index in range(rounds):
+            for index, spec in enumerate(specs):
+                if round_index and by_round[index][0]["status"] != "ok":
+                    continue  # unavailable or failed: said once, not retried
+                label = _label(index, spec) + (f"-round{round_index + 1}" if rounds > 1 else "")
+                worker_spec = {"runner": spec, "cells": [c.to_dict() for c in cells], "prompts": prompts,
+                               "repeats": repeats, "warmup": warmup, "seed": seed, "spinning": spinning,
+                               "results": str((work_dir / f"{label}.results.jsonl").resolve())}
+                (work_dir / f"{label}.results.jsonl").unlink(missing_ok=True)
+                records, failure = _run_worker(worker_spec, work_dir, label, bar, log)
+                runner = _assemble_runner(spec, records, failure, manifests, len(hf_dirs) > 1)
+                by_round[index].append(runner)
+                if bar is not None:  # cells a failed or unavailable runner never reached
+                    bar.update(len(cells) - len(runner["cells"]) if runner["status"] != "ok" else 0)
     finally:
         if bar is not None:
             bar.close()
+    runners = [pool_rounds(rounds_of_runner) for rounds_of_runner in by_round]
 
     report = {
         "benchmark": "calm-edge bench",
@@ -182,7 +197,7 @@ def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-wo
         "provider": provider,
         "machine": {"cpu_cores": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "platform": platform.platform(), "python": platform.python_version()},
-        "settings": {"repeats": repeats, "warmup": warmup, "seed": seed, "candidates": candidates,
+        "settings": {"rounds": rounds, "repeats": repeats, "warmup": warmup, "seed": seed, "candidates": candidates,
                      "spinning": (f"{spinning} in every runner" if spinning else
                                   "each runtime's default (calm-edge: run; optimum and onnxruntime-genai: "
                                   "ONNX Runtime's, on)"),
@@ -235,6 +250,30 @@ def _assemble_runner(spec, records, failure, manifests, several_hf):
     return runner
 
 
+def pool_rounds(rounds):
+    """One runner from its rounds: the first round's figures, decode tokens/s pooled over all.
+
+    A runner that failed in a later round keeps that round's status and reason.
+    """
+    runner = dict(rounds[0])
+    failed = [r for r in rounds if r["status"] != "ok"]
+    if failed:
+        runner.update(status=failed[0]["status"], reason=failed[0]["reason"])
+    if len(rounds) == 1:
+        return runner
+    runner["cells"] = {}
+    for key, cell in rounds[0]["cells"].items():
+        same = [r["cells"].get(key, {}) for r in rounds]
+        if not all("decode_tokens_per_s_runs" in c for c in same):
+            runner["cells"][key] = cell  # skipped or failed somewhere: as the first round saw it
+            continue
+        pooled = [rate for c in same for rate in c["decode_tokens_per_s_runs"]]
+        runner["cells"][key] = {**cell, "decode_tokens_per_s": stats.summarize(pooled, 1.0, 2),
+                                "decode_tokens_per_s_runs": pooled,
+                                "decode_tokens_per_s_by_round": [c["decode_tokens_per_s"]["median"] for c in same]}
+    return runner
+
+
 def _median(runner, key, metric="decode_tokens_per_s"):
     cell = runner["cells"].get(key, {})
     return cell.get(metric, {}).get("median")
@@ -248,7 +287,8 @@ def compare(runners):
     """CALM decode tokens/s over each AR runner's, cell by cell, beside the weights-read ideal.
 
     A CALM runner is paired with the AR runners of the same vocabulary size: one file may hold
-    several pairings (the paper's 128,256-token pairing and an 8,192-token one).
+    several pairings (the paper's 128,256-token pairing and an 8,192-token one). With rounds, the
+    ratio is the median of the rounds' ratios (see the module's docstring).
     """
     rows = []
     for calm in (r for r in runners if r.get("kind") == "calm" and r["status"] == "ok"):
@@ -264,10 +304,16 @@ def compare(runners):
                 mine, theirs = _median(calm, key), _median(ar, key)
                 if mine is None or theirs is None:
                     continue
-                ratio = mine / theirs
+                ratio, by_round = mine / theirs, None
+                mine_by_round = calm["cells"][key].get("decode_tokens_per_s_by_round")
+                theirs_by_round = ar["cells"][key].get("decode_tokens_per_s_by_round")
+                if mine_by_round and theirs_by_round and len(mine_by_round) == len(theirs_by_round):
+                    by_round = [round(a / b, 3) for a, b in zip(mine_by_round, theirs_by_round)]
+                    ratio = float(np.median(by_round))
                 rows.append({**base, "cell": key, "calm_tokens_per_s": mine, "ar_tokens_per_s": theirs,
                              "ratio": round(ratio, 3),
-                             "fraction_of_ideal": round(ratio / ideal, 3) if ideal else None})
+                             "fraction_of_ideal": round(ratio / ideal, 3) if ideal else None,
+                             **({"ratio_by_round": by_round} if by_round else {})})
     return rows
 
 

@@ -51,6 +51,7 @@ def summarize_cell(cell, traces):
         "step_ms": stats.summarize(steps, 1e3),
         "token_ms": stats.summarize(steps, 1e3 / K),  # per generated token of one sequence
         "decode_tokens_per_s": stats.summarize(decode_rates, 1.0, 2),
+        "decode_tokens_per_s_runs": [round(r, 3) for r in decode_rates],  # pooled over rounds by the harness
         "end_to_end_tokens_per_s": stats.summarize(total_rates, 1.0, 2),
         "total_s": stats.summarize([t.total_s for t in traces], 1.0, 4),
         "per_step_split_ms": split,
