@@ -8,6 +8,15 @@ Measures, on one CALM package at batch 1, the decode step at T = 1 and at T = 1/
   - the exact rejection sampler as the runtime has it (one call of n samples per trial);
   - `BatchedExactSampler` below: the same rejection trials, `trials` of them per call.
 
+It also simulates, on the toy distributions of tests/test_sampling.py, a batch approximation that
+draws in rounds of r and stops as soon as a chunk is confirmed (seen n times), capped at N: how
+far its output is from p^n (total variation; the frequency test allows 0.05) and how many draws
+it needs, beside one round of N (today's sampler).
+
+It also counts, on real prompts (`--text`, WikiText-103 test by default), how often any chunk
+repeats among the N = 16 candidates of a step, and how often one is already confirmed (seen n
+times) among the first r: that is what any sampler that stops early, in rounds, can save.
+
 The prototype draws t trials in one call and keeps the first whose n chunks agree, which is the
 rejection sampler's choice; it then rewinds the sequence's counter to the end of that trial, so
 it consumes exactly the random values the one-trial-per-call sampler consumes and returns the
@@ -18,8 +27,12 @@ the change; the report's numbers are the case for it.
 import argparse
 import json
 import statistics
+import sys
 import time
+from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 from calm_edge.runtime.generator import GeneratorParams, iterate_steps
 from calm_edge.runtime.model import Model
@@ -67,6 +80,71 @@ class CountingState:
         return self.state.sample_latents(hidden, noise)
 
 
+class RepeatCounter(TemperatureSampler):
+    """The batch approximation, recording per step the largest count of one chunk among the candidates."""
+
+    def __init__(self, temperature, candidates):
+        super().__init__(temperature, method="batch", candidates=candidates)
+        self.largest, self.confirmed_within = Counter(), Counter()
+
+    def choose(self, chunks, rng):
+        self.largest[max(Counter(chunks).values())] += 1
+        for r in (2, 4, 8, 16):
+            if r <= len(chunks) and max(Counter(chunks[:r]).values()) >= self.n:
+                self.confirmed_within[r] += 1
+        return super().choose(chunks, rng)
+
+
+def chunk_repeats(model, text, documents=8, prompt_tokens=64, new_tokens=128, candidates=16):
+    """How often a chunk repeats among a step's candidates at T = 1/2, over real prompts."""
+    lines = [json.loads(line)["text"] for line in Path(text).read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [ids[:prompt_tokens] for ids in (model.tokenizer.encode(t) for t in lines) if len(ids) >= prompt_tokens]
+    counter = RepeatCounter(0.5, candidates)
+    params = GeneratorParams(temperature=0.5, candidates=candidates, max_new_tokens=new_tokens, stop_at_eos=False)
+    original = GeneratorParams.check
+    GeneratorParams.check = lambda self: counter
+    try:
+        for _ in iterate_steps(model.new_state(), prompts[:documents], params):
+            pass
+    finally:
+        GeneratorParams.check = original
+    steps = sum(counter.largest.values())
+    return {"steps": steps, "candidates": candidates, "documents": min(documents, len(prompts)),
+            "largest_count_share": {str(k): round(v / steps, 4) for k, v in sorted(counter.largest.items())},
+            "confirmed_within_first_r_share": {str(r): round(counter.confirmed_within[r] / steps, 4)
+                                               for r in (2, 4, 8, 16)}}
+
+
+def stop_when_confirmed(p, n, round_size, cap, draws=20000, seed=0):
+    """(total variation from p^n, mean draws) of a batch approximation that stops once a chunk is confirmed."""
+    rng = np.random.default_rng(seed)
+    counts, used = np.zeros(len(p)), 0
+    for _ in range(draws):
+        drawn = []
+        while len(drawn) < cap:
+            drawn += rng.choice(len(p), size=min(round_size, cap - len(drawn)), p=p).tolist()
+            if max(Counter(drawn).values()) >= n:
+                break
+        counts[drawn[batch_choice(drawn, n, rng.random())]] += 1
+        used += len(drawn)
+    target = p ** n / (p ** n).sum()
+    return round(0.5 * float(np.abs(counts / draws - target).sum()), 4), round(used / draws, 2)
+
+
+def rounds_bias():
+    """Stopping early against one round, on the test's toy distributions (T = 1/2 with N = 32, T = 1/3 with N = 48)."""
+    toys = {"six chunks (tests/test_sampling.py)": np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]),
+            "three chunks": np.array([0.5, 0.3, 0.2])}
+    rows = []
+    for name, p in toys.items():
+        for n, cap in ((2, 32), (3, 48)):
+            for round_size in (n, 2 * n, cap):
+                tv, mean_draws = stop_when_confirmed(p, n, round_size, cap)
+                rows.append({"distribution": name, "temperature": f"1/{n}", "round_size": round_size, "cap": cap,
+                             "total_variation": tv, "mean_draws": mean_draws})
+    return rows
+
+
 def generate(model, prompt, params, sampler=None):
     """(token ids, seconds per step, head calls per step, samples per step) of one generation."""
     original = GeneratorParams.check
@@ -93,6 +171,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seeds", type=int, default=5, help="Seeds whose tokens the prototype must reproduce.")
+    parser.add_argument("--text", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" /
+                                              "wikitext103-test-doc.jsonl"),
+                        help="JSONL documents whose openings are the prompts of the chunk-repeat count.")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -127,8 +208,17 @@ def main():
         exact = generate(model, prompt, params)[0]
         same.append(all(generate(model, prompt, params, BatchedExactSampler(0.5, trials=t))[0] == exact for t in (2, 4)))
     print(f"prototype tokens identical to method=exact for {sum(same)}/{len(same)} seeds")
-    report = {"benchmark": "low_temperature", "package": args.package, "new_tokens": args.new_tokens,
-              "threads": args.threads, "results": results, "prototype_identical_seeds": f"{sum(same)}/{len(same)}"}
+    repeats = chunk_repeats(model, args.text)
+    print(f"chunk repeats among {repeats['candidates']} candidates over {repeats['steps']} steps: largest count "
+          f"{repeats['largest_count_share']}; confirmed within the first r: {repeats['confirmed_within_first_r_share']}")
+    bias = rounds_bias()
+    for row in bias:
+        print(f"stop when confirmed, {row['distribution']}, T={row['temperature']}, rounds of {row['round_size']} "
+              f"up to {row['cap']}: total variation {row['total_variation']}, {row['mean_draws']} draws")
+    report = {"benchmark": "low_temperature", "command": "python benchmarks/low_temperature.py " + " ".join(sys.argv[1:]),
+              "package": args.package, "new_tokens": args.new_tokens, "threads": args.threads, "results": results,
+              "prototype_identical_seeds": f"{sum(same)}/{len(same)}", "chunk_repeats": repeats,
+              "stop_when_confirmed": bias}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"-> {args.out}")

@@ -495,7 +495,8 @@ def eval_compare_command(ctx, packages, out, plot_path, speed_tokens, speed_repe
 @click.option("--optimize", is_flag=True,
               help="Apply ONNX Runtime's transformer fusions (RMSNorm) to the backbone / ar graph offline.")
 @click.option("--fused-attention", is_flag=True,
-              help="Write each layer's attention as ONNX Runtime's GroupQueryAttention operator (see README: export).")
+              help="Write each layer's attention and rotary embeddings as ONNX Runtime's GroupQueryAttention and "
+                   "RotaryEmbedding operators (see README: export).")
 @click.pass_context
 def export_command(ctx, calm_dir, ar_dir, out, force, seed, out_format, optimize, fused_attention):
     """Export a trained CALM or AR model to a validated model package (ONNX graphs + manifest).

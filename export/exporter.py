@@ -77,8 +77,9 @@ def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_t
     kind: "calm" or "ar" to insist on a model kind (the CLI's --calm / --ar), None for either.
     optimize: apply ONNX Runtime's transformer fusions to the backbone / ar graph (`optimize.py`)
     before validation, so the validated graph is the one shipped.
-    fused_attention: write each layer's attention as ONNX Runtime's GroupQueryAttention node
-    (`fused_attention.py`); PyTorch's reference stays the plain model.
+    fused_attention: write each layer's attention as ONNX Runtime's GroupQueryAttention node and
+    its rotary embeddings as RotaryEmbedding nodes (`fused_attention.py`); PyTorch's reference
+    stays the plain model.
     """
     from calm_edge.training.language_models import load_language_model
 

@@ -33,7 +33,8 @@ def section(report, results_path, repo):
     rel = lambda p: Path(p).resolve().relative_to(repo) if Path(p).resolve().is_relative_to(repo) else Path(p)
     lines = [f"**{rel(results_path)}** ({report['created']}, {report['machine']['processor']}, "
              f"{report['machine']['cpu_cores']} cores, {report['provider']} provider, "
-             f"{report['settings']['repeats']} repeats after {report['settings']['warmup']} warm-up"
+             + (f"{report['settings']['rounds']} rounds of " if report["settings"].get("rounds", 1) > 1 else "")
+             + f"{report['settings']['repeats']} repeats after {report['settings']['warmup']} warm-up"
              + (f"; thread spinning: {report['settings']['spinning']}" if "spinning" in report["settings"] else "")
              + ")", "",
              "| runner | prompt | threads | decode tokens/s | ms per token (p50 / p99) | time to first token ms | "
@@ -57,12 +58,14 @@ def section(report, results_path, repo):
     ratios = [r for r in report["comparisons"] if r.get("ratio") is not None and "-b1-" in r["cell"]
               and r["cell"].endswith("-T1")]
     if ratios:
-        lines += ["", "| CALM | against | cell | measured ratio | ideal (weights read) | share of ideal |",
-                  "|---|---|---|---|---|---|"]
+        by_round = any(r.get("ratio_by_round") for r in ratios)
+        lines += ["", "| CALM | against | cell | measured ratio | ideal (weights read) | share of ideal |"
+                  + (" each round |" if by_round else ""), "|---|---|---|---|---|---|" + ("---|" if by_round else "")]
         for r in ratios:
             share = "–" if r["fraction_of_ideal"] is None else f"{100 * r['fraction_of_ideal']:.0f} %"
+            rounds = (" " + " / ".join(f"{x:.2f}" for x in r.get("ratio_by_round") or []) + " |") if by_round else ""
             lines.append(f"| {r['calm']} | {r['ar']} | {r['cell']} | {r['ratio']:.2f}× | "
-                         f"{_fmt(r['ideal_ratio'], 2)}× | {share} |")
+                         f"{_fmt(r['ideal_ratio'], 2)}× | {share} |" + rounds)
     cost = [r for r in report["low_temperature_cost"] if "-b1-" in r["cell"]]
     if cost:
         lines += ["", "T = 1/2 step against T = 1 step (batch 1): " + ", ".join(
