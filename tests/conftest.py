@@ -79,3 +79,14 @@ def packages(trained_runs, tmp_path_factory):
     root = tmp_path_factory.mktemp("packages")
     manifests = {kind: export_package(trained_runs[kind], root / kind, progress=False) for kind in ("calm", "ar")}
     return {"root": root, "calm": root / "calm", "ar": root / "ar", "manifests": manifests}
+
+
+@pytest.fixture(scope="session")
+def fused_packages(trained_runs, tmp_path_factory):
+    """The same runs exported with `--fused-attention` (GroupQueryAttention and RotaryEmbedding nodes)."""
+    from calm_edge.export.exporter import export_package
+
+    root = tmp_path_factory.mktemp("fused-packages")
+    manifests = {kind: export_package(trained_runs[kind], root / kind, progress=False, fused_attention=True,
+                                      e2e_prompts=2, e2e_tokens=16) for kind in ("calm", "ar")}
+    return {"root": root, "calm": root / "calm", "ar": root / "ar", "manifests": manifests}

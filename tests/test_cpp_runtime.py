@@ -72,6 +72,15 @@ def test_cpp_prints_the_tokens_of_the_python_runtime(cpp_build, packages, kind, 
         assert cpp_token_ids(packages[kind], prompt, temperature) == expected, prompt
 
 
+@pytest.mark.parametrize("kind", ["calm", "ar"])
+def test_cpp_runs_a_fused_attention_package(cpp_build, fused_packages, kind):
+    """The contrib nodes of `export --fused-attention` (GroupQueryAttention, RotaryEmbedding) in C++."""
+    model = Model(fused_packages[kind], threads=1)
+    params = GeneratorParams(max_new_tokens=64, temperature=0.5, seed=11, stop_at_eos=False)
+    expected = generate_tokens(model.new_state(), [model.tokenizer.encode(PROMPTS[0])], params)[0]
+    assert cpp_token_ids(fused_packages[kind], PROMPTS[0], 0.5) == expected
+
+
 def test_cpp_exact_sampler_matches_python(cpp_build, packages):
     model = Model(packages["calm"], threads=1)
     params = GeneratorParams(max_new_tokens=64, temperature=0.5, method="exact", seed=11, stop_at_eos=False)

@@ -183,21 +183,20 @@ def test_failed_export_leaves_the_old_package_intact(packages, trained_runs, tmp
 
 
 @pytest.mark.parametrize("kind", ["calm", "ar"])
-def test_fused_attention_export_computes_what_the_plain_one_does(packages, trained_runs, tmp_path, kind):
+def test_fused_attention_export_computes_what_the_plain_one_does(packages, fused_packages, kind):
     """`--fused-attention`: one GroupQueryAttention and two RotaryEmbedding nodes per layer, the same
     package signature, and the same tokens as the plain package, also for a left-padded batch (the mask rides in the
     node's attention_bias)."""
     import onnx
 
-    manifest = export_package(trained_runs[kind], tmp_path / kind, progress=False, fused_attention=True,
-                              e2e_prompts=2, e2e_tokens=16)
+    manifest = fused_packages["manifests"][kind]
     assert manifest["validation"]["graph_optimisation"]["fused_attention"] is True
     step = "backbone" if kind == "calm" else "ar"
     assert set(manifest["validation"]["graphs"][step]) >= {"random", "random-batch"}
     plain = packages["manifests"][kind]
     assert manifest["graphs"][step]["inputs"] == plain["graphs"][step]["inputs"]
     assert manifest["graphs"][step]["outputs"] == plain["graphs"][step]["outputs"]
-    graph = onnx.load(tmp_path / kind / manifest["graphs"][step]["file"])
+    graph = onnx.load(fused_packages[kind] / manifest["graphs"][step]["file"])
     ops = [node.op_type for node in graph.graph.node]
     assert ops.count("GroupQueryAttention") == manifest["model"]["num_layers"] and "Tile" not in ops
     assert ops.count("RotaryEmbedding") == 2 * manifest["model"]["num_layers"] and "Neg" not in ops
@@ -207,6 +206,6 @@ def test_fused_attention_export_computes_what_the_plain_one_does(packages, train
     prompts = ["In the beginning God created", "And", "Behold, the LORD"]  # different lengths: left padding
     for temperature in (1.0, 0.5):
         params = GeneratorParams(max_new_tokens=16, temperature=temperature, seed=5, stop_at_eos=False)
-        fused = generate(Model(tmp_path / kind), prompts, params)
+        fused = generate(Model(fused_packages[kind]), prompts, params)
         reference = generate(Model(packages[kind]), prompts, params)
         assert [r.token_ids for r in fused] == [r.token_ids for r in reference]
