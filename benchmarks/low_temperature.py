@@ -1,12 +1,13 @@
-"""What a T = 1/n step costs, and a prototype that makes the exact sampler cheap without changing its tokens.
+"""What a T = 1/n step costs at batch 1, how often the model repeats a chunk, and what stopping early would cost in bias.
 
     python benchmarks/low_temperature.py --package PKG [--new-tokens 64] [--repeats 3]
 
 Measures, on one CALM package at batch 1, the decode step at T = 1 and at T = 1/2 with
   - the batch approximation at N = 16, 8 and 4 candidates (one energy-head and one decoder call
     over N samples per step: the cost grows with N, the decoder's vocabulary projection most);
-  - the exact rejection sampler as the runtime has it (one call of n samples per trial);
-  - `BatchedExactSampler` below: the same rejection trials, `trials` of them per call.
+  - the exact rejection sampler with 1, 2 and 4 (the runtime's default) rounds per call of the
+    energy head and decoder; the tokens must be the same for every choice (the script checks it
+    over --seeds seeds), only the number of calls changes.
 
 It also simulates, on the toy distributions of tests/test_sampling.py, a batch approximation that
 draws in rounds of r and stops as soon as a chunk is confirmed (seen n times), capped at N: how
@@ -16,13 +17,6 @@ it needs, beside one round of N (today's sampler).
 It also counts, on real prompts (`--text`, WikiText-103 test by default), how often any chunk
 repeats among the N = 16 candidates of a step, and how often one is already confirmed (seen n
 times) among the first r: that is what any sampler that stops early, in rounds, can save.
-
-The prototype draws t trials in one call and keeps the first whose n chunks agree, which is the
-rejection sampler's choice; it then rewinds the sequence's counter to the end of that trial, so
-it consumes exactly the random values the one-trial-per-call sampler consumes and returns the
-very same tokens for the same seed (the script checks it), with fewer graph calls. It lives here,
-not in runtime/sampling.py, because the owners of the sampler and of the C++ runtime decide on
-the change; the report's numbers are the case for it.
 """
 import argparse
 import json
@@ -37,32 +31,6 @@ import numpy as np
 from calm_edge.runtime.generator import GeneratorParams, iterate_steps
 from calm_edge.runtime.model import Model
 from calm_edge.runtime.sampling import TemperatureSampler, batch_choice
-
-
-class BatchedExactSampler(TemperatureSampler):
-    """The exact sampler, `trials` rejection trials per draw call; same tokens as method="exact"."""
-
-    def __init__(self, temperature, trials=2, max_rounds=100):
-        super().__init__(temperature, method="exact", max_rounds=max_rounds)
-        self.trials = trials
-
-    def sample(self, draw_chunks, rng):
-        if self.n == 1:
-            return super().sample(draw_chunks, rng)
-        drawn, done = [], 0
-        while done < self.max_rounds:
-            trials = min(self.trials, self.max_rounds - done)
-            start = rng.counter
-            chunks = draw_chunks(self.n * trials)
-            per_trial = (rng.counter - start) // trials  # random values one trial of n chunks consumes
-            for j in range(trials):
-                trial = chunks[j * self.n:(j + 1) * self.n]
-                if all(chunk == trial[0] for chunk in trial):
-                    rng.counter = start + (j + 1) * per_trial  # as if the later trials were never drawn
-                    return trial[0]
-                drawn.extend(trial)
-            done += trials
-        return drawn[batch_choice(drawn, self.n, rng.draw_one())]
 
 
 class CountingState:
@@ -148,7 +116,7 @@ def rounds_bias():
 def generate(model, prompt, params, sampler=None):
     """(token ids, seconds per step, head calls per step, samples per step) of one generation."""
     original = GeneratorParams.check
-    if sampler is not None:  # hand iterate_steps the prototype in place of the runtime's sampler
+    if sampler is not None:  # hand iterate_steps this sampler in place of the one GeneratorParams makes
         GeneratorParams.check = lambda self: sampler
     try:
         state = CountingState(model.new_state())
@@ -170,7 +138,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seeds", type=int, default=5, help="Seeds whose tokens the prototype must reproduce.")
+    parser.add_argument("--seeds", type=int, default=5,
+                        help="Seeds over which the exact sampler must give the same tokens for 1, 2 and 4 rounds per call.")
     parser.add_argument("--text", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" /
                                               "wikitext103-test-doc.jsonl"),
                         help="JSONL documents whose openings are the prompts of the chunk-repeat count.")
@@ -182,10 +151,9 @@ def main():
     variants = {"T=1": (GeneratorParams(temperature=1.0), None)}
     for n in (16, 8, 4):
         variants[f"T=1/2 batch N={n}"] = (GeneratorParams(temperature=0.5, candidates=n), None)
-    variants["T=1/2 exact (1 trial per call)"] = (GeneratorParams(temperature=0.5, method="exact"), None)
-    for t in (2, 4):
+    for t in (1, 2, 4):
         variants[f"T=1/2 exact ({t} trials per call)"] = (GeneratorParams(temperature=0.5, method="exact"),
-                                                          BatchedExactSampler(0.5, trials=t))
+                                                          TemperatureSampler(0.5, method="exact", trials_per_call=t))
     results = {}
     for label, (params, sampler) in variants.items():
         params.max_new_tokens, params.stop_at_eos = args.new_tokens, False
@@ -200,14 +168,15 @@ def main():
         print(f"{label:34s} step {r['step_ms']:8.3f} ms  {r['cost_vs_t1']:5.2f}x T=1  "
               f"calls/step {r['head_calls_per_step']:6.2f}  samples/step {r['samples_per_step']:6.2f}")
 
-    # The prototype must return the runtime's exact-sampler tokens, seed for seed.
+    # Rounds per call change the calls, never the tokens: seed for seed against one round per call.
     same = []
     for seed in range(args.seeds):
         params = GeneratorParams(temperature=0.5, method="exact", max_new_tokens=args.new_tokens, seed=seed,
                                  stop_at_eos=False)
-        exact = generate(model, prompt, params)[0]
-        same.append(all(generate(model, prompt, params, BatchedExactSampler(0.5, trials=t))[0] == exact for t in (2, 4)))
-    print(f"prototype tokens identical to method=exact for {sum(same)}/{len(same)} seeds")
+        one = generate(model, prompt, params, TemperatureSampler(0.5, method="exact", trials_per_call=1))[0]
+        same.append(all(generate(model, prompt, params, TemperatureSampler(0.5, method="exact", trials_per_call=t))[0]
+                        == one for t in (2, 4)))
+    print(f"exact sampler: tokens identical for 1, 2 and 4 rounds per call for {sum(same)}/{len(same)} seeds")
     repeats = chunk_repeats(model, args.text)
     print(f"chunk repeats among {repeats['candidates']} candidates over {repeats['steps']} steps: largest count "
           f"{repeats['largest_count_share']}; confirmed within the first r: {repeats['confirmed_within_first_r_share']}")
@@ -217,7 +186,7 @@ def main():
               f"up to {row['cap']}: total variation {row['total_variation']}, {row['mean_draws']} draws")
     report = {"benchmark": "low_temperature", "command": "python benchmarks/low_temperature.py " + " ".join(sys.argv[1:]),
               "package": args.package, "new_tokens": args.new_tokens, "threads": args.threads, "results": results,
-              "prototype_identical_seeds": f"{sum(same)}/{len(same)}", "chunk_repeats": repeats,
+              "exact_rounds_per_call_identical_seeds": f"{sum(same)}/{len(same)}", "chunk_repeats": repeats,
               "stop_when_confirmed": bias}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -21,6 +21,13 @@ choice among candidates then consumes exactly one uniform. At T = 1 one chunk is
 choice uniform is consumed. The exact sampler gives up after `max_rounds` rounds and then makes
 the batch approximation's choice among every chunk it drew (documented fallback, so a step
 always ends).
+
+The exact sampler draws `trials_per_call` rounds in one call of `draw_chunks` (one energy-head
+and one decoder call instead of several) and keeps the first round whose n chunks agree; it then
+rewinds the stream's counter to the end of that round, as if the later rounds had never been
+drawn. It therefore returns the same chunk and consumes the same random values as one round
+per call, whatever `trials_per_call` is: the randomness contract is unchanged, and the C++
+runtime does the same.
 """
 from collections import Counter
 from math import comb
@@ -71,7 +78,7 @@ def batch_choice(chunks, n, u):
 class TemperatureSampler:
     """Picks one chunk per step at temperature T = 1/n from a black-box chunk sampler."""
 
-    def __init__(self, temperature=1.0, method="batch", candidates=16, max_rounds=100):
+    def __init__(self, temperature=1.0, method="batch", candidates=16, max_rounds=100, trials_per_call=4):
         self.n = temperature_exponent(temperature)
         if method not in METHODS:
             raise CalmEdgeError(f"sampling method {method!r} is unknown; choose one of: {', '.join(METHODS)}")
@@ -81,6 +88,7 @@ class TemperatureSampler:
                 f"pass --candidates {self.n} or more (at least {4 * self.n} for a good approximation)"
             )
         self.method, self.candidates, self.max_rounds = method, candidates, max_rounds
+        self.trials_per_call = max(1, trials_per_call)
 
     def draws_per_round(self):
         """How many chunks one round draws (the energy head's sample count for a step)."""
@@ -102,10 +110,17 @@ class TemperatureSampler:
         """One chunk. `draw_chunks(count)` draws `count` chunks, taking its noise from `rng` first."""
         if self.single_round():
             return self.choose(draw_chunks(self.draws_per_round()), rng)
-        drawn = []
-        for _ in range(self.max_rounds):
-            chunks = draw_chunks(self.n)
-            if all(chunk == chunks[0] for chunk in chunks):
-                return chunks[0]
-            drawn.extend(chunks)
+        drawn, done = [], 0
+        while done < self.max_rounds:
+            trials = min(self.trials_per_call, self.max_rounds - done)
+            start = rng.counter
+            chunks = draw_chunks(self.n * trials)
+            per_trial = (rng.counter - start) // trials  # random values one round of n chunks consumes
+            for j in range(trials):
+                trial = chunks[j * self.n:(j + 1) * self.n]
+                if all(chunk == trial[0] for chunk in trial):
+                    rng.counter = start + (j + 1) * per_trial  # as if the later rounds were never drawn
+                    return trial[0]
+                drawn.extend(trial)
+            done += trials
         return drawn[batch_choice(drawn, self.n, rng.draw_one())]

@@ -110,3 +110,37 @@ def test_too_few_candidates_and_unknown_method():
     with pytest.raises(CalmEdgeError, match="method 'greedy' is unknown"):
         TemperatureSampler(0.5, method="greedy")
     assert temperature_exponent(0.25) == 4 and temperature_exponent(1) == 1
+
+
+NOISE = 3  # random values per drawn chunk, as the energy head's noise_size
+
+
+def _counting_draw(rng, p, calls):
+    chunks = [(i, i + 1) for i in range(len(p))]
+    cdf = np.cumsum(p)
+
+    def draw_chunks(count):
+        calls.append(count)
+        u = rng.draw(count * NOISE).reshape(count, NOISE)[:, 0]
+        return [chunks[min(int(np.searchsorted(cdf, x, side="right")), len(chunks) - 1)] for x in u]
+
+    return draw_chunks
+
+
+@pytest.mark.parametrize("temperature, trials, p, max_rounds", [
+    (0.5, 2, [0.4, 0.25, 0.15, 0.1, 0.06, 0.04], 100),
+    (0.5, 4, [0.4, 0.25, 0.15, 0.1, 0.06, 0.04], 100),
+    (1 / 3, 3, [0.5, 0.3, 0.2], 100),
+    (0.5, 4, [1 / 40] * 40, 7),  # flat: many steps end in the max-rounds fallback; 7 = 4 + 3 rounds
+])
+def test_exact_sampler_rounds_per_call_change_the_calls_not_the_draws(temperature, trials, p, max_rounds):
+    """Several rejection rounds per call: the same chunk and the same counter afterwards (so every
+    later step is unchanged too) as one round per call, including the max-rounds fallback."""
+    one = TemperatureSampler(temperature, method="exact", max_rounds=max_rounds, trials_per_call=1)
+    several = TemperatureSampler(temperature, method="exact", max_rounds=max_rounds, trials_per_call=trials)
+    calls_one, calls_several = [], []
+    for stream in range(400):
+        a, b = RandomStream(5, stream), RandomStream(5, stream)
+        assert one.sample(_counting_draw(a, p, calls_one), a) == several.sample(_counting_draw(b, p, calls_several), b)
+        assert a.counter == b.counter, stream
+    assert len(calls_several) < len(calls_one)

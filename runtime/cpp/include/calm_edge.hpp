@@ -48,6 +48,7 @@ class RandomStream {
   std::vector<float> draw(size_t count);  // the next `count` uniforms
   float draw_one();
   uint64_t counter() const { return counter_; }
+  void set_counter(uint64_t counter) { counter_ = counter; }  // e.g. back to the end of an accepted round
 
  private:
   uint64_t seed_, stream_, counter_;

@@ -1,6 +1,8 @@
 #include "sampling.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdio>
 #include <map>
 
@@ -73,8 +75,12 @@ size_t batch_choice(const std::vector<Chunk>& chunks, int n, float u) {
 }
 
 TemperatureSampler::TemperatureSampler(double temperature, const std::string& method, int candidates,
-                                       int max_rounds)
-    : n_(temperature_exponent(temperature)), method_(method), candidates_(candidates), max_rounds_(max_rounds) {
+                                       int max_rounds, int trials_per_call)
+    : n_(temperature_exponent(temperature)),
+      method_(method),
+      candidates_(candidates),
+      max_rounds_(max_rounds),
+      trials_per_call_(std::max(1, trials_per_call)) {
   if (method != "batch" && method != "exact")
     throw Error("sampling method '" + method + "' is unknown; choose one of: exact, batch");
   if (method == "batch" && candidates < n_)
@@ -99,12 +105,21 @@ Chunk TemperatureSampler::sample(const std::function<std::vector<Chunk>(int)>& d
                                  RandomStream& rng) const {
   if (single_round()) return choose(draw_chunks(draws_per_round()), rng);
   std::vector<Chunk> drawn;
-  for (int round = 0; round < max_rounds_; ++round) {
-    std::vector<Chunk> chunks = draw_chunks(n_);
-    bool all_agree = true;
-    for (const Chunk& chunk : chunks) all_agree = all_agree && chunk == chunks[0];
-    if (all_agree) return chunks[0];
-    drawn.insert(drawn.end(), chunks.begin(), chunks.end());
+  for (int done = 0; done < max_rounds_;) {
+    const int trials = std::min(trials_per_call_, max_rounds_ - done);
+    const uint64_t start = rng.counter();
+    const std::vector<Chunk> chunks = draw_chunks(n_ * trials);
+    const uint64_t per_trial = (rng.counter() - start) / trials;  // random values of one round of n chunks
+    for (int j = 0; j < trials; ++j) {
+      const auto first = chunks.begin() + static_cast<std::ptrdiff_t>(j) * n_;
+      const bool all_agree = std::all_of(first, first + n_, [&](const Chunk& chunk) { return chunk == *first; });
+      if (all_agree) {
+        rng.set_counter(start + (j + 1) * per_trial);  // as if the later rounds were never drawn
+        return *first;
+      }
+      drawn.insert(drawn.end(), first, first + n_);
+    }
+    done += trials;
   }
   return drawn[batch_choice(drawn, n_, rng.draw_one())];
 }

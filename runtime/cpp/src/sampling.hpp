@@ -2,7 +2,10 @@
 // algorithms and the same order of random draws as runtime/sampling.py:
 //
 // - exact (rejection): draw n chunks; emit them if all n agree, else try again (at most
-//   max_rounds rounds, then the batch approximation's choice among every chunk drawn);
+//   max_rounds rounds, then the batch approximation's choice among every chunk drawn). Up to
+//   trials_per_call rounds go in one call of draw_chunks; the first that agrees wins and the
+//   stream's counter is set back to its end, so the chunk and the random values consumed are
+//   those of one round per call;
 // - batch approximation: draw N candidates, weigh each distinct chunk C(count, m) for the largest
 //   m <= n that some chunk reaches, and pick one with a single uniform.
 //
@@ -27,7 +30,8 @@ size_t batch_choice(const std::vector<Chunk>& chunks, int n, float u);
 
 class TemperatureSampler {
  public:
-  TemperatureSampler(double temperature, const std::string& method, int candidates, int max_rounds = 100);
+  TemperatureSampler(double temperature, const std::string& method, int candidates, int max_rounds = 100,
+                     int trials_per_call = 4);
 
   int n() const { return n_; }
   int draws_per_round() const;  // the energy head's sample count for one round
@@ -44,6 +48,7 @@ class TemperatureSampler {
   std::string method_;
   int candidates_;
   int max_rounds_;
+  int trials_per_call_;
 };
 
 }  // namespace calm_edge
