@@ -69,9 +69,11 @@ class _GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, query, key, value, past_key, past_value, bias, num_heads, num_kv_heads):
-        # Every row attends over its whole cache; the bias masks padding and the future.
-        total = g.op("Gather", g.op("Shape", bias), g.op("Constant", value_t=torch.tensor(3)), axis_i=0)
-        batch = g.op("Gather", g.op("Shape", query), g.op("Constant", value_t=torch.tensor([0])), axis_i=0)
+        # Every row attends over its whole cache; the bias masks padding and the future. Both
+        # lengths come from the bias, which every layer shares, so they are computed once a graph.
+        bias_shape = g.op("Shape", bias)
+        total = g.op("Gather", bias_shape, g.op("Constant", value_t=torch.tensor(3)), axis_i=0)
+        batch = g.op("Gather", bias_shape, g.op("Constant", value_t=torch.tensor([0])), axis_i=0)
         last = g.op("Sub", total, g.op("Constant", value_t=torch.tensor(1)))
         seqlens_k = g.op("Cast", g.op("Expand", last, batch), to_i=6)  # int32 [B]
         total_length = g.op("Cast", total, to_i=6)  # int32 scalar
@@ -94,9 +96,11 @@ class FusedAttention(nn.Module):
         if past_key is None:  # an empty cache, as the runtimes pass it on a prompt
             past_key = past_value = x.new_zeros(batch, a.num_kv_heads, 0, a.head_dim)
         # Each token's own cos and sin (first half; the second repeats it) as the rotary cache.
+        # Derived from cos and sin only, which every layer shares, so ONNX Runtime computes the
+        # cache and its position ids once for the graph rather than once a layer.
         half = a.head_dim // 2
         cos_cache, sin_cache = cos[..., :half].reshape(-1, half), sin[..., :half].reshape(-1, half)
-        position_ids = torch.arange(batch * length, device=x.device).view(batch, length)
+        position_ids = torch.arange(cos_cache.shape[0], device=x.device).view(cos.shape[0], cos.shape[1])
         q = _RotaryEmbedding.apply(a.q_proj(x), position_ids, cos_cache, sin_cache, a.num_heads)
         k = _RotaryEmbedding.apply(a.k_proj(x), position_ids, cos_cache, sin_cache, a.num_kv_heads)
         out, present_key, present_value = _GroupQueryAttention.apply(q, k, a.v_proj(x), past_key, past_value, mask,
