@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,18 @@ import numpy as np
 from calm_edge.runtime.generator import GeneratorParams, iterate_steps
 from calm_edge.runtime.model import Model
 from calm_edge.runtime.sampling import TemperatureSampler, batch_choice
+
+
+@contextmanager
+def sampler_in_use(sampler):
+    """Within the block, iterate_steps samples with `sampler` (None: the one GeneratorParams makes)."""
+    original = GeneratorParams.check
+    if sampler is not None:
+        GeneratorParams.check = lambda self: sampler
+    try:
+        yield
+    finally:
+        GeneratorParams.check = original
 
 
 class CountingState:
@@ -69,13 +82,9 @@ def chunk_repeats(model, text, documents=8, prompt_tokens=64, new_tokens=128, ca
     prompts = [ids[:prompt_tokens] for ids in (model.tokenizer.encode(t) for t in lines) if len(ids) >= prompt_tokens]
     counter = RepeatCounter(0.5, candidates)
     params = GeneratorParams(temperature=0.5, candidates=candidates, max_new_tokens=new_tokens, stop_at_eos=False)
-    original = GeneratorParams.check
-    GeneratorParams.check = lambda self: counter
-    try:
+    with sampler_in_use(counter):
         for _ in iterate_steps(model.new_state(), prompts[:documents], params):
             pass
-    finally:
-        GeneratorParams.check = original
     steps = sum(counter.largest.values())
     return {"steps": steps, "candidates": candidates, "documents": min(documents, len(prompts)),
             "largest_count_share": {str(k): round(v / steps, 4) for k, v in sorted(counter.largest.items())},
@@ -115,17 +124,12 @@ def rounds_bias():
 
 def generate(model, prompt, params, sampler=None):
     """(token ids, seconds per step, head calls per step, samples per step) of one generation."""
-    original = GeneratorParams.check
-    if sampler is not None:  # hand iterate_steps this sampler in place of the one GeneratorParams makes
-        GeneratorParams.check = lambda self: sampler
-    try:
+    with sampler_in_use(sampler):
         state = CountingState(model.new_state())
         tokens, marks = [], []
         for new_ids in iterate_steps(state, [prompt], params):
             marks.append(time.perf_counter())
             tokens.extend(new_ids[0])
-    finally:
-        GeneratorParams.check = original
     steps = len(marks)
     step_s = [b - a for a, b in zip(marks, marks[1:])]
     return tokens, statistics.median(step_s), state.calls / steps, state.samples / steps

@@ -108,6 +108,7 @@ SPINNING = {
     "run": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
     "on": {"session.intra_op.allow_spinning": "1"},
 }
+DEFAULT_SPINNING = "run"
 
 
 def spinning_entries(policy):
@@ -120,7 +121,7 @@ def spinning_entries(policy):
 class Model:
     """A model package opened for generation on one execution provider."""
 
-    def __init__(self, path, provider="cpu", threads=None, engine_cache=None, verify=True, spinning="run"):
+    def __init__(self, path, provider="cpu", threads=None, engine_cache=None, verify=True, spinning=DEFAULT_SPINNING):
         ort = _onnxruntime()
         self.path = Path(path)
         self.manifest = package.read_manifest(self.path, verify=verify)

@@ -30,6 +30,7 @@ from calm_edge.bench.prompts import prompt_batches
 from calm_edge.bench.runners import PEERS
 from calm_edge.config import Config
 from calm_edge.errors import CalmEdgeError
+from calm_edge.runtime.model import DEFAULT_SPINNING
 
 PEER_NAMES = {"optimum": "optimum", "ort-genai": "onnxruntime-genai"}
 
@@ -199,8 +200,8 @@ def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-wo
                     "platform": platform.platform(), "python": platform.python_version()},
         "settings": {"rounds": rounds, "repeats": repeats, "warmup": warmup, "seed": seed, "candidates": candidates,
                      "spinning": (f"{spinning} in every runner" if spinning else
-                                  "each runtime's default (calm-edge: run; optimum and onnxruntime-genai: "
-                                  "ONNX Runtime's, on)"),
+                                  f"each runtime's default (calm-edge: {DEFAULT_SPINNING}; optimum and "
+                                  "onnxruntime-genai: ONNX Runtime's, on)"),
                      "text": str(text) if text else "built-in prose", "matrix": matrix_options or {},
                      "cells": len(cells)},
         "runners": runners,

@@ -89,9 +89,9 @@ class PackageRunner:
         return fits_context(cell.prompt_tokens, cell.new_tokens, model["max_context"], model["chunk_size"])
 
     def load(self, threads, spinning=None):  # spinning: a policy of runtime.model.SPINNING, None for the default
-        from calm_edge.runtime.model import Model
+        from calm_edge.runtime.model import DEFAULT_SPINNING, Model
 
-        self.model = Model(self.path, provider=self.provider, threads=threads, spinning=spinning or "run")
+        self.model = Model(self.path, provider=self.provider, threads=threads, spinning=spinning or DEFAULT_SPINNING)
 
     def generate(self, prompts, new_tokens, temperature, seed):
         from calm_edge.runtime.generator import GeneratorParams, iterate_steps
