@@ -1,8 +1,8 @@
 """Install calm-edge.
 
-The repository keeps the pipeline's stages in top-level folders (see ../shared/DESIGN.md);
+The repository keeps the pipeline's stages in top-level folders (see README.md, Layout);
 ``package_dir`` maps them into the one ``calm_edge`` namespace so that users import
-``calm_edge.runtime``, ``calm_edge.training`` and ``calm_edge.export``.
+``calm_edge.runtime``, ``calm_edge.training``, ``calm_edge.export`` and ``calm_edge.evaluation``.
 """
 import re
 from pathlib import Path
@@ -52,16 +52,19 @@ setup(
     packages=[
         "calm_edge",
         "calm_edge.models",
+        "calm_edge.quickstart",
         "calm_edge.bench",
         "calm_edge.training",
-        "calm_edge.export",
         "calm_edge.runtime",
+        "calm_edge.export",
+        "calm_edge.evaluation",
     ],
     package_dir={
         "calm_edge": "calm_edge",
         "calm_edge.training": "training",
-        "calm_edge.export": "export",
         "calm_edge.runtime": "runtime",
+        "calm_edge.export": "export",
+        "calm_edge.evaluation": "evaluation",
     },
     install_requires=BASE,
     extras_require=EXTRAS,

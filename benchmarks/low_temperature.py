@@ -24,30 +24,31 @@ import statistics
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from calm_edge.runtime.generator import GeneratorParams, iterate_steps
+from calm_edge.runtime.generator import Generator, GeneratorParams
 from calm_edge.runtime.model import Model
 from calm_edge.runtime.sampling import TemperatureSampler, batch_choice
 
 
-@contextmanager
-def sampler_in_use(sampler):
-    """Within the block, iterate_steps samples with `sampler` (None: the one GeneratorParams makes)."""
-    original = GeneratorParams.check
-    if sampler is not None:
-        GeneratorParams.check = lambda self: sampler
-    try:
-        yield
-    finally:
-        GeneratorParams.check = original
+class CountingModel:
+    """A runtime Model whose generations' states count their energy-head calls and samples."""
+
+    def __init__(self, model):
+        self.model, self.state = model, None
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def new_state(self, batch, capacity):
+        self.state = CountingState(self.model.new_state(batch, capacity))
+        return self.state
 
 
 class CountingState:
-    """Wraps a ModelState to count energy-head calls and samples (draw calls of the sampler)."""
+    """Wraps a generation's StepState to count energy-head calls and samples (draw calls of the sampler)."""
 
     def __init__(self, state):
         self.state, self.calls, self.samples = state, 0, 0
@@ -82,9 +83,8 @@ def chunk_repeats(model, text, documents=8, prompt_tokens=64, new_tokens=128, ca
     prompts = [ids[:prompt_tokens] for ids in (model.tokenizer.encode(t) for t in lines) if len(ids) >= prompt_tokens]
     counter = RepeatCounter(0.5, candidates)
     params = GeneratorParams(temperature=0.5, candidates=candidates, max_new_tokens=new_tokens, stop_at_eos=False)
-    with sampler_in_use(counter):
-        for _ in iterate_steps(model.new_state(), prompts[:documents], params):
-            pass
+    for _ in Generator(model, prompts[:documents], params, sampler=counter):
+        pass
     steps = sum(counter.largest.values())
     return {"steps": steps, "candidates": candidates, "documents": min(documents, len(prompts)),
             "largest_count_share": {str(k): round(v / steps, 4) for k, v in sorted(counter.largest.items())},
@@ -124,15 +124,15 @@ def rounds_bias():
 
 def generate(model, prompt, params, sampler=None):
     """(token ids, seconds per step, head calls per step, samples per step) of one generation."""
-    with sampler_in_use(sampler):
-        state = CountingState(model.new_state())
-        tokens, marks = [], []
-        for new_ids in iterate_steps(state, [prompt], params):
-            marks.append(time.perf_counter())
-            tokens.extend(new_ids[0])
+    counting = CountingModel(model)
+    generator = Generator(counting, [prompt], params, sampler=sampler)
+    tokens, marks = [], []
+    for new_ids in generator:
+        marks.append(time.perf_counter())
+        tokens.extend(new_ids[0])
     steps = len(marks)
     step_s = [b - a for a, b in zip(marks, marks[1:])]
-    return tokens, statistics.median(step_s), state.calls / steps, state.samples / steps
+    return tokens, statistics.median(step_s), counting.state.calls / steps, counting.state.samples / steps
 
 
 def main():

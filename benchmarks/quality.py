@@ -15,8 +15,12 @@ import platform
 import time
 from pathlib import Path
 
-from calm_edge.evaluate import evaluate_checkpoint
+from calm_edge.evaluation.language_model import evaluate_checkpoint
+from calm_edge.evaluation.settings import EvalSettings
+from calm_edge.export.reference import TorchModel
 from calm_edge.fileio import write_json_atomic
+from calm_edge.runtime.generator import GeneratorParams, generate_tokens
+from calm_edge.text_source import TextSource
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext103-test-doc.jsonl"
@@ -28,25 +32,20 @@ TRAIN_COMMANDS = {
 
 
 def samples(run, new_tokens=48):
-    from calm_edge.generate import GenerationSettings, generate
-    from calm_edge.tokenizer import Tokenizer
-    from calm_edge.training.language_models import load_language_model
-
-    model, saved = load_language_model(run)
-    tokenizer = Tokenizer(saved.tokenizer_path)
-    prompts = [tokenizer.encode(p) for p in SAMPLE_PROMPTS]
+    model = TorchModel.load(run)
+    prompts = [model.tokenizer.encode(p) for p in SAMPLE_PROMPTS]
     out = {}
     for label, temperature in (("T=1", 1.0), ("T=1/2", 0.5)):
-        settings = GenerationSettings(max_new_tokens=new_tokens, temperature=temperature, seed=7)
-        out[label] = [{"prompt": p, "continuation": tokenizer.decode(ids)}
-                      for p, ids in zip(SAMPLE_PROMPTS, generate(model, prompts, settings))]
+        params = GeneratorParams(max_new_tokens=new_tokens, temperature=temperature, seed=7)
+        out[label] = [{"prompt": p, "continuation": model.tokenizer.decode(ids)}
+                      for p, ids in zip(SAMPLE_PROMPTS, generate_tokens(model, prompts, params))]
     return out
 
 
 def bench_run(kind, run, data, max_positions):
     started = time.perf_counter()
-    result = evaluate_checkpoint(run, [str(data)], detokenize="wikitext", offsets=(0, 1, 2, 3),
-                                 max_positions=max_positions, progress=True)
+    result = evaluate_checkpoint(run, TextSource((str(data),), detokenize="wikitext"),
+                                 EvalSettings(offsets=(0, 1, 2, 3), max_positions=max_positions), progress=True)
     summary = json.loads((Path(run) / "run_summary.json").read_text())
     offsets = result["by_offset"]
     mean = {k: sum(o[k] for o in offsets.values()) / len(offsets) for k in ("brier_1", "brier_2", "brier_3", "brier_4", "brierlm")}

@@ -32,7 +32,7 @@ from calm_edge.fileio import write_json_atomic
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("int8-dynamic", "int8-static", "fp16", "int4")
 # Quality: relative BrierLM, or where the fp32 BrierLM is 0 the paired Brier-1 (see
-# calm_edge.package_compare.quality_relative_to_fp32). "established" asks the estimate minus two
+# calm_edge.evaluation.compare.quality_relative_to_fp32). "established" asks the estimate minus two
 # standard errors to clear the bar too, so that sampling luck cannot pass a mode.
 GOAL = {"decode_speedup_at_least": 1.5, "quality_relative_at_least": 0.97}
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from calm_edge.bench.stats import folder_size_mb, peak_rss_mb, rss_mb
 from calm_edge.fileio import write_json_atomic
-from calm_edge.runtime.generator import GeneratorParams
+from calm_edge.runtime.generator import Generator, GeneratorParams
 from calm_edge.runtime.model import Model
-from calm_edge.runtime.profiling import measure, one_generation
+from calm_edge.runtime.profiling import measure, trace_generation
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "wikitext103-test-doc.jsonl"
@@ -45,15 +45,15 @@ def bench_package(path, text_file, prompt_tokens, new_tokens, threads, repeats):
     prompt = prompt_ids(model, text_file, prompt_tokens)
     result = {"package": str(path), "kind": model.kind, "chunk_size": model.chunk_size,
               "prompt_tokens": len(prompt), "rss_mb_before_load": round(before, 1), "rss_mb_loaded": round(loaded, 1)}
-    one_generation(model, prompt, GeneratorParams(max_new_tokens=8, seed=0, stop_at_eos=False))  # warm-up
+    trace_generation(model, [prompt], GeneratorParams(max_new_tokens=8, seed=0, stop_at_eos=False))  # warm-up
     for label, temperature in (("T=1", 1.0), ("T=1/2", 0.5)):
         params = GeneratorParams(max_new_tokens=new_tokens, temperature=temperature, seed=1, stop_at_eos=False)
         result[label] = measure(model, prompt, params, repeats)
         print(f"{path} {label}: {result[label]['decode_tokens_per_second']} tokens/s, step {result[label]['step_ms']} ms "
               f"{result[label]['per_step_ms']}, loop share {result[label]['loop_share']:.1%}")
-    state = model.new_state()
-    state.start(*_one_prompt_arrays(model, prompt))
-    result["kv_cache_mb"] = round(state.cache.nbytes() / 1e6, 2)
+    # The cache one measured generation preallocates (the prompt plus its steps).
+    cache = Generator(model, [prompt], GeneratorParams(max_new_tokens=new_tokens, stop_at_eos=False)).state.cache
+    result["kv_cache_mb"] = round(cache.nbytes() / 1e6, 2)
     result["rss_mb_end"] = round(rss_mb(), 1)
     # Peak resident memory of this process (a fresh one per package, see main) against the
     # budget: the package's files, the KV cache, and 150 MB for Python, ONNX Runtime and buffers.
@@ -63,12 +63,6 @@ def bench_package(path, text_file, prompt_tokens, new_tokens, threads, repeats):
     result["peak_rss_within_budget"] = result["peak_rss_mb"] <= result["peak_rss_budget_mb"]
     result["t_half_over_t1_step_cost"] = round(result["T=1/2"]["step_ms"] / result["T=1"]["step_ms"], 3)
     return result
-
-
-def _one_prompt_arrays(model, prompt):
-    from calm_edge.runtime.generator import fill_to_chunks, left_pad
-
-    return left_pad([fill_to_chunks(prompt, model.chunk_size, model.eos_id)], model.chunk_size, model.pad_id)
 
 
 def main():

@@ -32,7 +32,7 @@ PROMPT = "The history of the city begins"
 
 def python_runs(package, prompt, settings, repeats, threads):
     """(token ids, [[seconds at each step] per run]) of the Python runtime."""
-    from calm_edge.runtime.generator import GeneratorParams, iterate_steps
+    from calm_edge.runtime.generator import Generator, GeneratorParams
     from calm_edge.runtime.model import Model
 
     model = Model(package, threads=threads)
@@ -41,13 +41,13 @@ def python_runs(package, prompt, settings, repeats, threads):
     prompt_ids = model.tokenizer.encode(prompt)
     runs = []
     for _ in range(repeats):
-        tokens, seconds = [], []
+        seconds = []
         started = time.perf_counter()
-        for new_ids in iterate_steps(model.new_state(), [prompt_ids], params):
+        generator = Generator(model, [prompt_ids], params)
+        for _ in generator:
             seconds.append(time.perf_counter() - started)
-            tokens.extend(new_ids[0])
         runs.append(seconds)
-    return tokens, runs
+    return generator.tokens[0], runs
 
 
 def cpp_runs(program, package, prompt, settings, repeats, threads):

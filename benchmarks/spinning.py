@@ -10,7 +10,6 @@ each package is opened once per policy (the policy is a session option). Writes
 benchmarks/results/spinning_<name>.json with each policy's speed relative to "off" in the same run.
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -21,7 +20,8 @@ from pathlib import Path
 from calm_edge.fileio import write_json_atomic
 from calm_edge.runtime.generator import GeneratorParams
 from calm_edge.runtime.model import SPINNING, Model
-from calm_edge.runtime.profiling import one_generation
+from calm_edge.runtime.profiling import trace_generation
+from calm_edge.runtime.timing import decode_tokens_per_second
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,11 +42,10 @@ def main():
         models = {policy: Model(path, threads=args.threads, spinning=policy) for policy in SPINNING}
         runs = {policy: [] for policy in SPINNING}
         for policy, model in models.items():  # warm-up
-            one_generation(model, prompt, params)
+            trace_generation(model, [prompt], params)
         for _ in range(args.repeats):
             for policy, model in models.items():
-                run = one_generation(model, prompt, params)
-                runs[policy].append(run["tokens"] / (run["seconds"] - run["prefill_seconds"]))
+                runs[policy].append(decode_tokens_per_second(trace_generation(model, [prompt], params)[1]))
         medians = {policy: statistics.median(speeds) for policy, speeds in runs.items()}
         results[path] = {"kind": models["off"].kind,
                          "decode_tokens_per_second": {p: round(v, 1) for p, v in medians.items()},

@@ -1,18 +1,26 @@
 """The `calm-edge` command line.
 
-One group per stage of the pipeline. A stage's command is registered here only once it works,
-so `calm-edge --help` lists nothing that is not implemented.
+One group per stage of the pipeline, in the pipeline's order. A stage's command is registered
+here only once it works, so `calm-edge --help` lists nothing that is not implemented.
 
 Errors a user can fix are `CalmEdgeError`s: printed as one line, without a traceback, and the
 exit code is 1 (2 for a usage error that click itself catches).
+
+Each command imports its stage when it runs, not when this module loads: most stages need torch,
+and `calm-edge --help` or `calm-edge generate --package` must start quickly on a device that
+has none.
 """
+import functools
 import json
 import logging
 
 import click
+from click.core import ParameterSource
 
 from calm_edge import __version__
+from calm_edge.config import PRESETS, resolve_config
 from calm_edge.errors import CalmEdgeError
+from calm_edge.fileio import write_json_atomic
 
 log = logging.getLogger("calm_edge")
 
@@ -63,8 +71,6 @@ def config_options(command):
         "--config", "config_file", type=click.Path(dir_okay=False), default=None,
         help="A JSON or YAML file with config sections, applied on top of the preset.",
     )(command)
-    from calm_edge.config import PRESETS
-
     command = click.option(
         "--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True,
         help="Starting configuration: tiny (minutes on a CPU), small (hours on a CPU), base (the paper's sizes).",
@@ -72,10 +78,60 @@ def config_options(command):
     return command
 
 
-def _resolve(preset, config_file, overrides):
-    from calm_edge.config import resolve_config
+def _bundle(options, build, name):
+    """A decorator adding `options` to a command and handing it one object, `name=build(**their values)`."""
+    keys = [option(lambda: None).__click_params__[0].name for option in options]
 
-    return resolve_config(preset, config_file, overrides)
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            kwargs[name] = build(**{key: kwargs.pop(key) for key in keys})
+            return command(*args, **kwargs)
+
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+    return decorate
+
+
+def _text_source(data, text_field, detokenize, split):
+    from calm_edge.text_source import TextSource
+
+    return TextSource(tuple(data), text_field=text_field, detokenize=detokenize, split=split)
+
+
+# --data, --text-field, --detokenize, --split: the evaluation text, handed to the command as `text`.
+text_source_options = _bundle([
+    click.option("--data", "data", multiple=True, required=True, metavar="PATH",
+                 help="Text (.txt/.jsonl/.jsonl.gz/.jsonl.xz, a folder, demo:bible) or a prepared shard folder "
+                      "(repeatable)."),
+    click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text."),
+    click.option("--detokenize", type=click.Choice(["none", "wikitext"]), default="none", show_default=True,
+                 help="Undo WikiText's tokenized spacing (' @-@ ' -> '-', ' ,' -> ',') before encoding text."),
+    click.option("--split", default="valid", show_default=True, help="Split of a prepared shard folder to use."),
+], _text_source, "text")
+
+
+def _eval_settings(context, stride, max_positions, offsets, seed):
+    from calm_edge.evaluation.settings import EvalSettings
+
+    try:
+        offset_list = tuple(int(o) for o in offsets.split(","))
+    except ValueError:
+        raise CalmEdgeError(f"--offsets {offsets!r} must be comma-separated whole numbers, e.g. 0,1,2,3") from None
+    return EvalSettings(context=context, stride=stride, max_positions=max_positions, offsets=offset_list, seed=seed)
+
+
+# --context, --stride, --max-positions, --offsets, --seed: where BrierLM is estimated, handed over as `settings`.
+eval_settings_options = _bundle([
+    click.option("--context", type=int, default=256, show_default=True, help="Tokens of context before each position."),
+    click.option("--stride", type=int, default=32, show_default=True,
+                 help="Tokens between evaluated positions (a multiple of K)."),
+    click.option("--max-positions", type=int, default=2000, show_default=True, help="Positions to evaluate at most."),
+    click.option("--offsets", default="0", show_default=True,
+                 help="Comma-separated offsets within a chunk to evaluate at, e.g. 0,1,2,3 (partial-chunk prompts)."),
+    click.option("--seed", type=int, default=0, show_default=True),
+], _eval_settings, "settings")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -108,7 +164,7 @@ def config_show(preset, config_file, overrides, out, fmt):
     """Print the configuration that --preset, --config and --set build."""
     import yaml
 
-    resolved = _resolve(preset, config_file, overrides)
+    resolved = resolve_config(preset, config_file, overrides)
     data = resolved.to_dict()
     click.echo(json.dumps(data, indent=2) if fmt == "json" else yaml.safe_dump(data, sort_keys=False), nl=fmt == "json")
     if out:
@@ -142,7 +198,7 @@ def tokenizer_train(ctx, data, out, vocab_size, text_field, force, preset, confi
 
     if vocab_size is not None:
         overrides = (*overrides, f"tokenizer.vocab_size={vocab_size}")
-    settings = _resolve(preset, config_file, overrides).tokenizer
+    settings = resolve_config(preset, config_file, overrides).tokenizer
     info = train_tokenizer(data, out, settings, text_field=text_field, force=force, progress=_progress(ctx))
     click.echo(
         f"tokenizer: vocab {info['vocab_size']}, trained on {info['lines_sampled']:,} of {info['lines']:,} lines "
@@ -201,7 +257,6 @@ def data_prepare(ctx, data, tokenizer_dir, out, text_field, valid_fraction, work
     )
 
 
-
 # ----- training ------------------------------------------------------------------------------
 
 
@@ -212,8 +267,6 @@ def train():
 
 def _explicit_config(ctx):
     """Whether --preset, --config or --set was given on the command line."""
-    from click.core import ParameterSource
-
     return any(ctx.get_parameter_source(name) != ParameterSource.DEFAULT
                for name in ("preset", "config_file", "overrides"))
 
@@ -237,7 +290,7 @@ def _training_config(ctx, resume, force, preset, config_file, overrides):
     """The run's Config; None when resuming without --preset/--config/--set (reuse the checkpoint's)."""
     if resume and force:
         raise CalmEdgeError("--resume and --force contradict each other; pass one of them")
-    return _resolve(preset, config_file, overrides) if (_explicit_config(ctx) or not resume) else None
+    return resolve_config(preset, config_file, overrides) if (_explicit_config(ctx) or not resume) else None
 
 
 @train.command("autoencoder")
@@ -261,54 +314,6 @@ def train_autoencoder_command(ctx, data, out, tokenizer_dir, resume, force, pres
         f"autoencoder: step {result['step']}, {scores}{result['parameters']:,} parameters, "
         f"{result['tokens_seen']:,} tokens in {result['elapsed_seconds']:.0f}s -> {result['checkpoint']}"
     )
-
-
-# ----- evaluation ----------------------------------------------------------------------------
-
-
-@main.group("eval")
-def eval_group():
-    """Evaluate trained models."""
-
-
-@eval_group.command("autoencoder")
-@click.option("--checkpoint", required=True, type=click.Path(),
-              help="Run folder of `calm-edge train autoencoder` (its newest checkpoint) or one checkpoint folder.")
-@click.option("--data", "data", multiple=True, required=True, metavar="PATH",
-              help="Text (.txt/.jsonl/.jsonl.gz/.jsonl.xz, a folder, demo:bible) or a prepared shard folder (repeatable).")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Write the results to this JSON file (default: print them).")
-@click.option("--detokenize", type=click.Choice(["none", "wikitext"]), default="none", show_default=True,
-              help="Undo WikiText's tokenized spacing (' @-@ ' -> '-', ' ,' -> ',') before encoding text.")
-@click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text.")
-@click.option("--split", default="valid", show_default=True, help="Split of a prepared shard folder to use.")
-@click.option("--max-tokens", type=int, default=None, help="Evaluate at most this many tokens.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latent noise.")
-@click.pass_context
-def eval_autoencoder_command(ctx, checkpoint, data, out, detokenize, text_field, split, max_tokens, seed):
-    """Reconstruction accuracy of an autoencoder, and its accuracy under latent noise.
-
-    Example: calm-edge eval autoencoder --checkpoint runs/ae --data ../shared/data/wikitext103-test-doc.jsonl
-    --detokenize wikitext --out ae_eval.json
-    """
-    from calm_edge.fileio import write_json_atomic
-    from calm_edge.training.autoencoder_eval import evaluate_autoencoder
-
-    result = evaluate_autoencoder(checkpoint, data, text_field=text_field, detokenize=detokenize, split=split,
-                                  max_tokens=max_tokens, seed=seed, progress=_progress(ctx))
-    if out is None:
-        click.echo(json.dumps(result, indent=2))
-        return
-    write_json_atomic(out, result)
-    noise = ", ".join(f"{r['scale']}: {r['token_accuracy']:.4f}" for r in result["noise_robustness"])
-    click.echo(
-        f"autoencoder {result['checkpoint']}: {result['tokens_evaluated']:,} tokens, token accuracy "
-        f"{result['token_accuracy']:.4f}, chunk accuracy {result['chunk_accuracy']:.4f}; "
-        f"under latent noise {{{noise}}} -> {out}"
-    )
-
-
-# ----- language models ------------------------------------------------------------------------
 
 
 def _echo_lm_summary(summary):
@@ -355,39 +360,60 @@ def train_ar_command(ctx, data, out, tokenizer_dir, resume, force, preset, confi
                               progress=_progress(ctx)))
 
 
+# ----- evaluation ----------------------------------------------------------------------------
+
+
+@main.group("eval")
+def eval_group():
+    """Evaluate trained models."""
+
+
+@eval_group.command("autoencoder")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="Run folder of `calm-edge train autoencoder` (its newest checkpoint) or one checkpoint folder.")
+@text_source_options
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the results to this JSON file (default: print them).")
+@click.option("--max-tokens", type=int, default=None, help="Evaluate at most this many tokens.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latent noise.")
+@click.pass_context
+def eval_autoencoder_command(ctx, checkpoint, text, out, max_tokens, seed):
+    """Reconstruction accuracy of an autoencoder, and its accuracy under latent noise.
+
+    Example: calm-edge eval autoencoder --checkpoint runs/ae --data ../shared/data/wikitext103-test-doc.jsonl
+    --detokenize wikitext --out ae_eval.json
+    """
+    from calm_edge.evaluation.autoencoder import evaluate_autoencoder
+
+    result = evaluate_autoencoder(checkpoint, text, max_tokens=max_tokens, seed=seed, progress=_progress(ctx))
+    if out is None:
+        click.echo(json.dumps(result, indent=2))
+        return
+    write_json_atomic(out, result)
+    noise = ", ".join(f"{r['scale']}: {r['token_accuracy']:.4f}" for r in result["noise_robustness"])
+    click.echo(
+        f"autoencoder {result['checkpoint']}: {result['tokens_evaluated']:,} tokens, token accuracy "
+        f"{result['token_accuracy']:.4f}, chunk accuracy {result['chunk_accuracy']:.4f}; "
+        f"under latent noise {{{noise}}} -> {out}"
+    )
+
+
 @eval_group.command("brierlm")
 @click.option("--checkpoint", required=True, type=click.Path(),
               help="Run folder of `calm-edge train calm` or `train ar`, or one of its checkpoint folders.")
-@click.option("--data", "data", multiple=True, required=True, metavar="PATH",
-              help="Text (.txt/.jsonl/.jsonl.gz/.jsonl.xz, a folder, demo:bible) or a prepared shard folder.")
+@text_source_options
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the results to this JSON file.")
-@click.option("--detokenize", type=click.Choice(["none", "wikitext"]), default="none", show_default=True,
-              help="Undo WikiText's tokenized spacing before encoding text.")
-@click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text.")
-@click.option("--context", type=int, default=256, show_default=True, help="Tokens of context before each position.")
-@click.option("--stride", type=int, default=32, show_default=True, help="Tokens between evaluated positions (a multiple of K).")
-@click.option("--max-positions", type=int, default=2000, show_default=True, help="Positions to evaluate at most.")
-@click.option("--offsets", default="0", show_default=True,
-              help="Comma-separated offsets within a chunk to evaluate at, e.g. 0,1,2,3 (partial-chunk prompts).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@eval_settings_options
 @click.pass_context
-def eval_brierlm_command(ctx, checkpoint, data, out, detokenize, text_field, context, stride, max_positions,
-                         offsets, seed):
+def eval_brierlm_command(ctx, checkpoint, text, out, settings):
     """BrierLM (Brier-1..4) of a CALM or AR checkpoint, from two samples per position.
 
     Example: calm-edge eval brierlm --checkpoint runs/calm --data ../shared/data/wikitext103-test-doc.jsonl
     --detokenize wikitext --out quality.json
     """
-    from calm_edge.evaluate import evaluate_checkpoint
-    from calm_edge.fileio import write_json_atomic
+    from calm_edge.evaluation.language_model import evaluate_checkpoint
 
-    try:
-        offset_list = tuple(int(o) for o in offsets.split(","))
-    except ValueError:
-        raise CalmEdgeError(f"--offsets {offsets!r} must be comma-separated whole numbers, e.g. 0,1,2,3") from None
-    result = evaluate_checkpoint(checkpoint, data, context=context, stride=stride, max_positions=max_positions,
-                                 offsets=offset_list, seed=seed, text_field=text_field, detokenize=detokenize,
-                                 progress=_progress(ctx))
+    result = evaluate_checkpoint(checkpoint, text, settings, progress=_progress(ctx))
     if out:
         write_json_atomic(out, result)
     briers = ", ".join(f"Brier-{n} {result[f'brier_{n}']:.4f}" for n in (1, 2, 3, 4))
@@ -396,21 +422,14 @@ def eval_brierlm_command(ctx, checkpoint, data, out, detokenize, text_field, con
 
 
 def package_eval_options(command):
-    """The options `eval package` and `eval compare` share: data and BrierLM positions."""
+    """The options `eval package` and `eval compare` share: the text, the positions, reconstruction, threads."""
     options = [
-        click.option("--data", "data", multiple=True, required=True, metavar="PATH",
-                     help="Text (.txt/.jsonl/.jsonl.gz/.jsonl.xz, a folder, demo:bible) or a prepared shard folder."),
+        text_source_options,
         click.option("--autoencoder", type=click.Path(), default=None,
                      help="CALM: the autoencoder run whose encoder gives the latents for reconstruction accuracy "
                           "(default: the one in the package's provenance, if present)."),
-        click.option("--detokenize", type=click.Choice(["none", "wikitext"]), default="none", show_default=True,
-                     help="Undo WikiText's tokenized spacing before encoding text."),
-        click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text."),
-        click.option("--context", type=int, default=256, show_default=True, help="Tokens of context before each position."),
-        click.option("--stride", type=int, default=32, show_default=True, help="Tokens between evaluated positions (a multiple of K)."),
-        click.option("--max-positions", type=int, default=2000, show_default=True, help="Positions to evaluate at most."),
+        eval_settings_options,
         click.option("--reconstruction-tokens", type=int, default=None, help="Tokens for reconstruction accuracy at most."),
-        click.option("--seed", type=int, default=0, show_default=True),
         click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)."),
     ]
     for option in reversed(options):
@@ -423,20 +442,17 @@ def package_eval_options(command):
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the results to this JSON file.")
 @package_eval_options
 @click.pass_context
-def eval_package_command(ctx, package_dir, out, data, autoencoder, detokenize, text_field, context, stride,
-                         max_positions, reconstruction_tokens, seed, threads):
+def eval_package_command(ctx, package_dir, out, text, autoencoder, settings, reconstruction_tokens, threads):
     """BrierLM of a model package through its ONNX graphs; CALM: also reconstruction by its decoder graph.
 
     Example: calm-edge eval package --package packages/calm-small-int8 --data ../shared/data/wikitext103-test-doc.jsonl
     --detokenize wikitext --out calm-int8.json
     """
-    from calm_edge.fileio import write_json_atomic
-    from calm_edge.package_eval import evaluate_model_package
+    from calm_edge.evaluation.package import evaluate_model_package
 
-    result = evaluate_model_package(package_dir, data, autoencoder=autoencoder, context=context, stride=stride,
-                                    max_positions=max_positions, seed=seed, text_field=text_field,
-                                    detokenize=detokenize, reconstruction_tokens=reconstruction_tokens,
-                                    threads=threads, progress=_progress(ctx))
+    result = evaluate_model_package(package_dir, text, settings, autoencoder=autoencoder,
+                                    reconstruction_tokens=reconstruction_tokens, threads=threads,
+                                    progress=_progress(ctx))
     if out:
         write_json_atomic(out, result)
     briers = ", ".join(f"Brier-{n} {result[f'brier_{n}']:.4f}" for n in (1, 2, 3, 4))
@@ -455,8 +471,8 @@ def eval_package_command(ctx, package_dir, out, data, autoencoder, detokenize, t
 @click.option("--speed-repeats", type=int, default=5, show_default=True, help="Speed runs per package (median).")
 @package_eval_options
 @click.pass_context
-def eval_compare_command(ctx, packages, out, plot_path, speed_tokens, speed_repeats, data, autoencoder, detokenize,
-                         text_field, context, stride, max_positions, reconstruction_tokens, seed, threads):
+def eval_compare_command(ctx, packages, out, plot_path, speed_tokens, speed_repeats, text, autoencoder, settings,
+                         reconstruction_tokens, threads):
     """Compare PACKAGES (e.g. one model in every quantization mode) against their fp32 package.
 
     One row per package: sizes, BrierLM, reconstruction accuracy, decode tokens/s at batch 1 on the CPU,
@@ -465,15 +481,13 @@ def eval_compare_command(ctx, packages, out, plot_path, speed_tokens, speed_repe
     Example: calm-edge eval compare packages/calm packages/calm-int8 packages/calm-int4 --data test.jsonl
     --out quantization.json --plot quantization.png
     """
-    from calm_edge.fileio import write_json_atomic
-    from calm_edge.package_compare import compare_packages, plot, table
+    from calm_edge.evaluation.compare import compare_packages, plot, table
 
     if speed_tokens < 1 or speed_repeats < 1:
         raise CalmEdgeError("--speed-tokens and --speed-repeats must be at least 1")
-    report = compare_packages(list(packages), data, autoencoder=autoencoder, threads=threads, speed_tokens=speed_tokens,
-                              speed_repeats=speed_repeats, seed=seed, progress=_progress(ctx), context=context,
-                              stride=stride, max_positions=max_positions, text_field=text_field,
-                              detokenize=detokenize, reconstruction_tokens=reconstruction_tokens)
+    report = compare_packages(list(packages), text, settings, autoencoder=autoencoder,
+                              reconstruction_tokens=reconstruction_tokens, threads=threads, speed_tokens=speed_tokens,
+                              speed_repeats=speed_repeats, progress=_progress(ctx))
     if out:
         write_json_atomic(out, report)
     if plot_path:
@@ -530,12 +544,6 @@ def export_command(ctx, calm_dir, ar_dir, out, force, seed, out_format, optimize
 
 
 # ----- quantization ---------------------------------------------------------------------------
-
-
-def _quantization_modes():
-    from calm_edge.export.quantizers import MODES
-
-    return MODES
 
 
 @main.command("quantize")
@@ -610,9 +618,9 @@ def generate_command(package_dir, checkpoint, prompt, max_new_tokens, temperatur
 
         model = Model(package_dir, provider=provider, threads=threads)
     else:
-        from calm_edge.generate import TorchModel
+        from calm_edge.export.reference import TorchModel
 
-        model = TorchModel(checkpoint)
+        model = TorchModel.load(checkpoint)
     if as_json:
         from calm_edge.runtime import generate
 
@@ -711,8 +719,7 @@ def quickstart_command(ctx, data, out, force, max_characters, text_field, preset
     """
     import dataclasses
 
-    from calm_edge.quickstart import DEFAULT_DATA, QUICKSTART_PRESETS, run_quickstart
-    from calm_edge.quickstart_report import format_table
+    from calm_edge.quickstart import DEFAULT_DATA, QUICKSTART_PRESETS, format_table, run_quickstart
 
     if max_characters is not None and max_characters < 0:
         raise CalmEdgeError(f"--max-characters {max_characters} must be 0 (all the text) or more")

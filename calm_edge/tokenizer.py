@@ -23,6 +23,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from calm_edge.config import TokenizerConfig
+from calm_edge.corpus import iter_documents
 from calm_edge.errors import CalmEdgeError, ConfigError, DataError
 from calm_edge.fileio import atomic_output_dir, sha256_of, write_json_atomic
 
@@ -93,8 +94,6 @@ def train_tokenizer(sources, out, config: TokenizerConfig, text_field="text", fo
     Documents are split into lines; SentencePiece samples `config.max_sentences` of them.
     Returns the info dict written to `tokenizer.json`.
     """
-    from calm_edge.data import iter_documents  # the data module imports this one
-
     if config.vocab_size < config.min_vocab_size:
         raise ConfigError(
             f"vocab size {config.vocab_size} is too small: the 4 reserved ids and 256 byte pieces need "

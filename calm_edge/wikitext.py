@@ -9,6 +9,8 @@ Results record which form of the text they were measured on.
 """
 import re
 
+from calm_edge.errors import ConfigError
+
 # Applied in order.
 _RULES = [
     (re.compile(r" @([-,.])@ "), r"\1"),  # " @-@ " -> "-", " @,@ " -> ",", " @.@ " -> "."
@@ -28,8 +30,6 @@ def detokenize_wikitext(text):
 
 def detokenizer(form):
     """The text transform for `--detokenize FORM`: "none" (identity) or "wikitext"."""
-    from calm_edge.errors import ConfigError
-
     if form == "none":
         return lambda text: text
     if form == "wikitext":

@@ -3,7 +3,7 @@
 Static quantization needs the value ranges the graphs really see, and quantization validation
 needs inputs that look like deployment, not random noise. Both come from here:
 
-- text, tokenized with the package's tokenizer (calm_edge.evaldata), is cut into windows of
+- text, tokenized with the package's tokenizer (calm_edge.text_source), is cut into windows of
   whole chunks;
 - each window is run through the fp32 step graph (`backbone` or `ar`) the way the runtime does:
   one prefill over the first chunks, then decode steps that feed the real next chunk and the
@@ -21,7 +21,6 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from calm_edge.errors import CalmEdgeError
-from calm_edge.runtime import package
 from calm_edge.runtime.rng import RandomStream
 
 ENERGY_SAMPLES = 8  # latents drawn per hidden state: the batch sampler's order of magnitude
@@ -57,12 +56,9 @@ def collect_feeds(model, windows, prefill_chunks, seed=0):
     Each window gives one prefill over its first `prefill_chunks` chunks and one decode step per
     remaining chunk.
     """
-    kind, section = model.kind, model.manifest["model"]
-    K = model.chunk_size
-    step_name = "ar" if kind == "ar" else "backbone"
-    spec = package.graph_specs(kind, section)[step_name]
-    past_names = [io["name"] for io in spec["inputs"][3:]]
-    empty = np.zeros((1, section["num_kv_heads"], 0, section["head_dim"]), np.float32)
+    manifest = model.manifest
+    kind, K, step_name, past_names = manifest.kind, manifest.chunk_size, manifest.step_graph, manifest.past_names
+    empty = np.zeros((1, manifest.num_kv_heads, 0, manifest.head_dim), np.float32)
     feeds = {name: [] for name in model.sessions}
     hidden_states = []
     for window in windows:

@@ -22,52 +22,16 @@ from calm_edge.export import fused_attention as fused_attention_module
 from calm_edge.export import optimize as optimize_module
 from calm_edge.fileio import atomic_output_dir
 from calm_edge.runtime import package
+from calm_edge.training.language_models import SUMMARY_FILE, load_language_model
 
 log = logging.getLogger(__name__)
 
 
-def model_section(kind, config):
-    """The manifest's "model" section: everything a runtime needs to size inputs and caches."""
-    tok = config.tokenizer
-    backbone = (config.calm if kind == "calm" else config.ar).backbone
-    section = {
-        "chunk_size": config.autoencoder.chunk_size if kind == "calm" else 1,
-        "vocab_size": tok.vocab_size,
-        "special_ids": dict(tok.reserved_ids),
-        "hidden_size": backbone.hidden_size,
-        "num_layers": backbone.num_layers,
-        "num_heads": backbone.num_heads,
-        "num_kv_heads": backbone.num_kv_heads,
-        "head_dim": backbone.head_dim,
-        "max_context": backbone.max_positions,  # CALM: vectors (K tokens each); AR: tokens
-    }
-    if kind == "calm":
-        section.update(latent_size=config.autoencoder.latent_size, noise_size=config.calm.noise_size,
-                       energy_head_layers=config.calm.energy_head_layers)
-    return section
-
-
 def provenance(saved):
-    """Where the weights came from: the training run, its data and its measured quality."""
-    trainer = saved.trainer
-    run_dir = saved.folder.parent.parent
-    summary_path = run_dir / "run_summary.json"
-    info = {
-        "checkpoint": str(saved.folder),
-        "step": trainer.get("step"),
-        "tokens_seen": trainer.get("tokens_seen"),
-        "data": trainer.get("data"),
-        "valid": trainer.get("valid", {}),
-        "config": saved.config.to_dict(),
-    }
-    if trainer.get("random_weights"):  # an untrained model of some preset's dimensions, for speed only
-        info["random_weights"] = True
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        for key in ("parameters", "training_flops", "inference_flops_per_token", "autoencoder"):
-            if key in summary:
-                info[key] = summary[key]
-    return info
+    """The manifest's provenance for the training checkpoint `saved`, with its run's summary when there is one."""
+    summary_path = saved.folder.parent.parent / SUMMARY_FILE
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    return package.provenance_section(saved.folder, saved.trainer, saved.config.to_dict(), summary)
 
 
 def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_tokens=64, seed=0, progress=True,
@@ -81,15 +45,13 @@ def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_t
     its rotary embeddings as RotaryEmbedding nodes (`fused_attention.py`); PyTorch's reference
     stays the plain model.
     """
-    from calm_edge.training.language_models import load_language_model
-
     started = time.perf_counter()
     with atomic_output_dir(out, force=force, what="package") as tmp:
         model, saved = load_language_model(checkpoint)
         if kind is not None and saved.kind != kind:
             raise CalmEdgeError(f"{saved.folder} holds a {saved.kind} checkpoint, not {kind}; pass it with --{saved.kind}")
         kind = saved.kind
-        section = model_section(kind, saved.config)
+        section = package.model_section(kind, saved.config)
         specs = package.graph_specs(kind, section)
         exported = model
         if fused_attention:  # a copy, so that validation compares with the model as trained

@@ -54,12 +54,12 @@ def compare_generation(reference_model, model, seed=0):
     prompts = [model.tokenizer.encode(p) for p in GENERATION_PROMPTS]
     params = GeneratorParams(max_new_tokens=GENERATION_TOKENS, seed=seed, stop_at_eos=False)
     try:
-        actual = generate_tokens(model.new_state(), prompts, params)
+        actual = generate_tokens(model, prompts, params)
     except CalmEdgeError:
         raise
     except Exception as e:  # a kernel failure inside onnxruntime
         raise CalmEdgeError(f"the quantized package cannot generate ({e}); choose another --mode or --keep-fp32") from None
-    expected = generate_tokens(reference_model.new_state(), prompts, params)
+    expected = generate_tokens(reference_model, prompts, params)
     same = sum(a == b for x, y in zip(expected, actual) for a, b in zip(x, y))
     return {"prompts": len(prompts), "tokens": sum(len(x) for x in expected), "identical_tokens": same,
             "seed": seed, "sample": GENERATION_PROMPTS[0] + model.tokenizer.decode(actual[0])}

@@ -31,6 +31,8 @@ from calm_edge.export import calibration, quant_validate
 from calm_edge.export.quantizers import MODES, check_mode, quantize_graph
 from calm_edge.fileio import atomic_output_dir, sha256_of
 from calm_edge.runtime import package
+from calm_edge.runtime.model import Model
+from calm_edge.text_source import TextSource
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +77,11 @@ def _feeds(model, windows, seed):
 
 def _check_request(manifest, source, out, mode, keep_fp32):
     check_mode(mode)
-    if manifest["quantization"]["mode"] != "fp32":
-        raise CalmEdgeError(
-            f"{source} is already quantized ({manifest['quantization']['mode']}); quantize the fp32 package it came "
-            f"from ({manifest['quantization'].get('source', {}).get('package', 'see its manifest')})"
-        )
-    graphs = list(manifest["graphs"])
+    if manifest.quantization_mode != "fp32":
+        origin = (manifest.quantization_source or {}).get("package", "see its manifest")
+        raise CalmEdgeError(f"{source} is already quantized ({manifest.quantization_mode}); quantize the fp32 package "
+                            f"it came from ({origin})")
+    graphs = list(manifest.graphs)
     unknown = sorted(set(keep_fp32) - set(graphs))
     if unknown:
         raise CalmEdgeError(f"--keep-fp32 {', '.join(unknown)}: no such graph in {source}; its graphs are {', '.join(graphs)}")
@@ -93,9 +94,6 @@ def _check_request(manifest, source, out, mode, keep_fp32):
 def quantize_package(source, out, mode, keep_fp32=(), calibration_data=(), calibration_windows=32, text_field="text",
                      force=False, seed=0, progress=True):
     """Quantize the fp32 package `source` into `out`; returns the new manifest."""
-    from calm_edge.evaldata import load_eval_tokens
-    from calm_edge.runtime.model import Model
-
     started = time.perf_counter()
     fp32 = Model(source)
     manifest = fp32.manifest
@@ -106,7 +104,8 @@ def quantize_package(source, out, mode, keep_fp32=(), calibration_data=(), calib
 
     if calibration_data:
         needed = (VALIDATION_WINDOWS + calibration_windows) * WINDOW_TOKENS  # no need to read a whole corpus
-        tokens, described = load_eval_tokens(calibration_data, fp32.tokenizer, text_field=text_field, max_tokens=needed)
+        tokens, described = TextSource(tuple(calibration_data), text_field=text_field).load_tokens(fp32.tokenizer,
+                                                                                                  max_tokens=needed)
         tokens = tokens.tolist()
     else:
         tokens, described = fp32.tokenizer.encode(VALIDATION_TEXT) + [fp32.tokenizer.eos_id], "built-in sentences"
@@ -121,41 +120,39 @@ def quantize_package(source, out, mode, keep_fp32=(), calibration_data=(), calib
 
     with atomic_output_dir(out, force=force, what="package") as tmp:
         modes, settings = {}, {}
-        for name, graph in tqdm(manifest["graphs"].items(), desc=f"quantizing ({mode})", unit=" graph",
+        for name, graph in tqdm(manifest.graphs.items(), desc=f"quantizing ({mode})", unit=" graph",
                                 disable=not progress):
-            if "external_data" in graph:
-                raise CalmEdgeError(f"{source}/{graph['file']} keeps its weights in external data; quantizing such "
+            source_file = manifest.graph_path(name)
+            if graph.external_data:
+                raise CalmEdgeError(f"{source_file} keeps its weights in external data; quantizing such "
                                     "graphs (over 2 GB) is not supported")
             if name in keep_fp32:
-                shutil.copyfile(Path(source) / graph["file"], tmp / graph["file"])
+                shutil.copyfile(source_file, tmp / graph.file)
                 modes[name] = "fp32"
                 continue
             log.info("quantizing %s to %s", name, mode)
             try:
-                settings[name] = quantize_graph(mode, Path(source) / graph["file"], tmp / graph["file"],
-                                                calibration_feeds.get(name))
+                settings[name] = quantize_graph(mode, source_file, tmp / graph.file, calibration_feeds.get(name))
             except CalmEdgeError:
                 raise
             except Exception as e:  # the ORT tools raise assorted exception types
-                raise CalmEdgeError(f"onnxruntime's {mode} quantizer failed on {source}/{graph['file']} ({e}); "
+                raise CalmEdgeError(f"onnxruntime's {mode} quantizer failed on {source_file} ({e}); "
                                     f"keep that graph in fp32 with --keep-fp32 {name}") from None
             modes[name] = mode
-        shutil.copyfile(Path(source) / manifest["tokenizer"]["file"], tmp / package.TOKENIZER_FILE)
+        shutil.copyfile(manifest.tokenizer_path, tmp / package.TOKENIZER_FILE)
         quantization = {"mode": mode, "graphs": modes, "settings": settings, "calibration": calibration_info,
                         "source": {"package": str(source),
                                    "manifest_sha256": sha256_of(Path(source) / package.MANIFEST_FILE)}}
         # The manifest first without validation figures, so the runtime can open the folder.
-        package.write_manifest(tmp, manifest["kind"], manifest["model"], manifest["provenance"], quantization)
+        package.write_manifest(tmp, manifest.kind, manifest.model_section, manifest.provenance, quantization)
         validation = _validate(fp32, tmp, validation_feeds, modes, described, seed)
         validation["quantize_seconds"] = round(time.perf_counter() - started, 2)
-        result = package.write_manifest(tmp, manifest["kind"], manifest["model"], manifest["provenance"], quantization,
+        result = package.write_manifest(tmp, manifest.kind, manifest.model_section, manifest.provenance, quantization,
                                         validation=validation)
     return result
 
 
 def _validate(fp32, folder, feeds, modes, described, seed):
-    from calm_edge.runtime.model import Model
-
     try:
         quantized = Model(folder)
     except CalmEdgeError as e:

@@ -15,7 +15,9 @@ import torch
 
 from calm_edge.errors import CalmEdgeError
 from calm_edge.export import graphs
-from calm_edge.runtime import package
+from calm_edge.export.reference import TorchModel
+from calm_edge.runtime.generator import GeneratorParams, generate_tokens
+from calm_edge.runtime.model import Model
 
 TOLERANCE = 1e-4
 PROMPTS = [
@@ -40,15 +42,22 @@ def _compare(name, reference, actual):
 
 
 def _check_graph(session, module, spec, inputs):
-    """Run one graph both ways on `inputs` (torch tensors); per-output comparison."""
+    """Run one graph both ways on `inputs` (torch tensors); per-output comparison, paired by name.
+
+    The torch wrapper returns its outputs in the spec's order (graphs.py), and ONNX Runtime is
+    asked for the spec's output names, so each output is compared with the one of its name.
+    """
     feeds = {io["name"]: t.numpy() for io, t in zip(spec["inputs"], inputs)}
-    onnx_outputs = session.run(None, feeds)
+    names = [io["name"] for io in spec["outputs"]]
+    onnx_outputs = dict(zip(names, session.run(names, feeds)))
     with torch.no_grad():
         torch_outputs = module(*inputs)
     if isinstance(torch_outputs, torch.Tensor):
         torch_outputs = (torch_outputs,)
-    return {io["name"]: _compare(io["name"], t.numpy(), o)
-            for io, t, o in zip(spec["outputs"], torch_outputs, onnx_outputs)}
+    if len(torch_outputs) != len(names):
+        raise CalmEdgeError(f"export validation failed: the PyTorch graph gives {len(torch_outputs)} outputs, "
+                            f"the package's spec names {len(names)}")
+    return {name: _compare(name, reference.numpy(), onnx_outputs[name]) for name, reference in zip(names, torch_outputs)}
 
 
 def _summarise(results):
@@ -61,16 +70,17 @@ def _summarise(results):
     return summary
 
 
-def _real_inputs(model, runtime_model, kind, section):
+def _real_inputs(model, runtime_model):
     """A real prompt's prefill and one decode step, as each graph's input tuple."""
-    K = section["chunk_size"]
+    manifest = runtime_model.manifest
+    kind, K = manifest.kind, manifest.chunk_size
     ids = runtime_model.tokenizer.encode(PROMPTS[0])
     ids = ids[: (len(ids) // K) * K] or ids[:K]
     prompt = torch.tensor([ids])
     mask = torch.ones(1, len(ids) // K, dtype=torch.long)
     positions = torch.arange(len(ids) // K)[None]
-    empty = [torch.zeros(1, section["num_kv_heads"], 0, section["head_dim"]) for _ in range(2 * section["num_layers"])]
-    step = graphs.wrappers(kind, model)["ar" if kind == "ar" else "backbone"]
+    empty = [torch.zeros(1, manifest.num_kv_heads, 0, manifest.head_dim) for _ in manifest.past_names]
+    step = graphs.wrappers(kind, model)[manifest.step_graph]
     with torch.no_grad():
         outputs = step(prompt, mask, positions, *empty)
     presents = list(outputs[1:])
@@ -80,7 +90,7 @@ def _real_inputs(model, runtime_model, kind, section):
     if kind == "ar":
         return {"ar": cases}
     hidden = outputs[0][:, -1]
-    noise = torch.rand(1, 8, section["noise_size"], generator=torch.Generator().manual_seed(0))
+    noise = torch.rand(1, 8, manifest.noise_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         latents = model.sample_latents(hidden, noise)[0]
     return {"backbone": cases, "energy_head": {"real": (hidden, noise)}, "decoder": {"real": (latents,)}}
@@ -88,21 +98,17 @@ def _real_inputs(model, runtime_model, kind, section):
 
 def validate_package(model, folder, e2e_prompts=3, e2e_tokens=64, seed=0, progress=True, fused_attention=False):
     """Validate the package in `folder` against `model`; returns the report, raises on failure."""
-    from calm_edge.generate import TorchBackend
-    from calm_edge.runtime.generator import GeneratorParams, generate_tokens
-    from calm_edge.runtime.model import Model
-
     runtime_model = Model(folder, provider="cpu")
     manifest = runtime_model.manifest
-    kind, section = manifest["kind"], manifest["model"]
-    specs = package.graph_specs(kind, section)
+    kind, section = manifest.kind, manifest.model_section
+    specs = manifest.specs()
     modules = graphs.wrappers(kind, model)
     torch.manual_seed(seed)
-    real = _real_inputs(model, runtime_model, kind, section)
+    real = _real_inputs(model, runtime_model)
     report = {"tolerance": TOLERANCE, "graphs": {}}
     failures = []
     for name, spec in specs.items():
-        if fused_attention and name in ("backbone", "ar"):
+        if fused_attention and name == manifest.step_graph:
             # GroupQueryAttention takes several new positions over a cache only at batch 1.
             cases = {"random": graphs.example_inputs(spec, section, batch=1, sequence=3, past=5, samples=4),
                      "random-batch": graphs.example_inputs(spec, section, batch=2, sequence=1, past=5, samples=4)}
@@ -120,8 +126,8 @@ def validate_package(model, folder, e2e_prompts=3, e2e_tokens=64, seed=0, progre
     end_to_end = {}
     for temperature in (1.0, 0.5):
         params = GeneratorParams(max_new_tokens=e2e_tokens, temperature=temperature, seed=seed, stop_at_eos=False)
-        reference = generate_tokens(TorchBackend(model), prompts, params)
-        deployed = generate_tokens(runtime_model.new_state(), prompts, params)
+        reference = generate_tokens(TorchModel(model), prompts, params)
+        deployed = generate_tokens(runtime_model, prompts, params)
         same = sum(a == b for r, d in zip(reference, deployed) for a, b in zip(r, d))
         total = sum(len(r) for r in reference)
         end_to_end[f"T={temperature:g}"] = {"prompts": len(prompts), "tokens": total, "identical_tokens": same,

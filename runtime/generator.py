@@ -1,27 +1,53 @@
-"""The autoregressive loop, shared by every backend: ONNX Runtime graphs or the PyTorch modules.
+"""The autoregressive loop, step by step: `Generator`, shared by every model (ONNX graphs or PyTorch).
 
-One loop, so the PyTorch reference and the deployed graphs can only differ in the numbers the
-graphs compute, never in the logic around them. A backend (see `Backend`) runs the model's
-pieces and keeps the key/value cache; this module owns prompts, sampling, randomness and
-stopping.
+    generator = Generator(model, [prompt_ids], GeneratorParams(max_new_tokens=64, seed=1))
+    while not generator.done:
+        new_ids = generator.step()          # each row's newly accepted token ids
+    generator.tokens, generator.stop_reasons, generator.trace()
+
+The caller owns the loop, as with onnxruntime-genai's Generator: it can look at each step's
+tokens, stop a row (`stop(row)`, e.g. at a stop sequence), time the steps or count the calls.
+`generate_tokens` and the text API (`text_generation.py`) are built on it, and so are the
+benchmarks, evaluation and export validation: one loop, so the PyTorch reference and the
+deployed graphs can only differ in the numbers the graphs compute, never in the logic around
+them.
+
+A model is what the loop needs to know and one method: `kind` ("calm" or "ar"), `chunk_size`
+(K; 1 for AR), `eos_id`, `pad_id`, `noise_size` (CALM), `max_context` (positions: vectors for
+CALM, tokens for AR), and `new_state(batch, capacity)`, which returns the generation's state:
+the runtime's `StepState` over ONNX Runtime (`step_state.py`) or the reference's
+`TorchStepState` over the PyTorch modules (`calm_edge.export.reference`). A state keeps the
+attention mask and the key/value cache and runs the graphs:
+
+    start(input_ids, attention_mask, position_ids)  prefill; returns the last position's hidden
+                                                    [B, H] (CALM) or logits [B, V] (AR)
+    advance(input_ids, position_ids)                one step on [B, K] new tokens; returns as start
+    sample_latents(hidden, noise)                   [b, H], [b, N, noise_size] -> [b, N, latent]
+    decode(latents)                                 [M, latent] -> token ids [M, K]
+    timings                                         {graph: seconds spent in its runs}
 
 CALM, one step per K tokens:
   1. A prompt whose length is not a multiple of K is left-filled with eos ids to the next
      multiple: in training a document starts after an eos at any offset within a chunk, so
      "eos, then the prompt" is what the model has seen. Prompts of a batch are then left-padded
      (attention mask 0, positions counted from each prompt's first real chunk).
-  2. Prefill: one backbone call over all prompt chunks.
+  2. Prefill: one backbone call over all prompt chunks (at the first `step()`).
   3. Each step: the energy head turns noise into latent samples, the decoder maps them to
-     chunks, temperature sampling picks one (`sampling.py`), one backbone call extends the cache.
-  4. A sequence stops at eos (tokens from it on are dropped), at a stop sequence, after
-     `max_new_tokens`, or when the context is full.
+     chunks, temperature sampling picks one (`sampling.py`); the next step first extends the
+     cache with one backbone call on the chosen chunks.
+  4. A row stops at eos (tokens from it on are dropped), after `max_new_tokens`, when the
+     context is full, or when the caller stops it; `stop_reasons` says which.
 
 AR (the baseline, K = 1): softmax of logits * n (p^(1/T) for T = 1/n), then the token at the
 sequence's next uniform by inverse CDF over float64 probabilities.
 
-Randomness: sequence `row` of a batch draws from `RandomStream(seed, streams[row])` (default
-stream = row), per step noise first, then sampling choices, as `sampling.py` documents.
+Randomness: row `r` of a batch draws from `RandomStream(seed, streams[r])` (default stream =
+r), per step noise first, then sampling choices, as `sampling.py` documents.
+
+The cache is sized once, by one rule that the C++ runtime shares (`cache_capacity`): the
+padded prompt plus one position per step of the row that can run longest.
 """
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +55,9 @@ import numpy as np
 from calm_edge.errors import CalmEdgeError
 from calm_edge.runtime.rng import RandomStream
 from calm_edge.runtime.sampling import TemperatureSampler
+from calm_edge.runtime.timing import Trace
+
+STOP_REASONS = ("eos", "max_new_tokens", "context", "stop_sequence")
 
 
 @dataclass
@@ -45,6 +74,7 @@ class GeneratorParams:
     streams: list = field(default=None)  # random stream per prompt; default 0, 1, 2, ...
 
     def check(self):
+        """Check the values; returns the TemperatureSampler they describe."""
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise CalmEdgeError(f"max_new_tokens={self.max_new_tokens!r} must be a positive whole number")
         return TemperatureSampler(self.temperature, self.method, self.candidates)
@@ -68,6 +98,19 @@ def left_pad(rows, chunk_size, pad_id):
     return ids, mask, positions
 
 
+def cache_capacity(rows, chunk_size, max_new_tokens, max_context):
+    """Cache positions a generation can reach: the padded prompt plus the steps of its longest row.
+
+    `rows` are the filled prompts (whole chunks). A row runs at most ceil(max_new_tokens / K)
+    steps, and at most until its own positions fill the context; each step adds one position to
+    every row's cache, so rows shorter than the longest can take the cache past `max_context`.
+    """
+    width = max(len(r) for r in rows) // chunk_size
+    steps_for_tokens = -(-max_new_tokens // chunk_size)
+    most_steps = max(min(steps_for_tokens, max_context - len(r) // chunk_size + 1) for r in rows)
+    return width + most_steps
+
+
 def sample_from_probs(probs, u):
     """The index at uniform `u` by inverse CDF over float64 probabilities."""
     cdf = np.cumsum(np.asarray(probs, dtype=np.float64))
@@ -80,30 +123,6 @@ def softmax_power(logits, n):
     z -= z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
-
-
-class Backend:
-    """What the loop needs from a model; `calm_edge.runtime.model` and `calm_edge.generate` implement it.
-
-    Attributes: kind ("calm" or "ar"), chunk_size (1 for AR), eos_id, pad_id, noise_size (CALM),
-    max_context (positions: vectors for CALM, tokens for AR).
-    """
-
-    def start(self, input_ids, attention_mask, position_ids):
-        """Prefill; keep the cache. Returns the last position's hidden [B, H] (CALM) or logits [B, V] (AR)."""
-        raise NotImplementedError
-
-    def advance(self, input_ids, position_ids):
-        """One step on [B, K] new tokens, extending mask and cache. Returns like `start`."""
-        raise NotImplementedError
-
-    def sample_latents(self, hidden, noise):
-        """hidden [b, H], noise [b, N, noise_size] -> latents [b, N, latent]."""
-        raise NotImplementedError
-
-    def decode(self, latents):
-        """latents [M, latent] -> token ids [M, K]."""
-        raise NotImplementedError
 
 
 def check_prompts(prompts, chunk_size, eos_id, max_context):
@@ -121,82 +140,130 @@ def check_prompts(prompts, chunk_size, eos_id, max_context):
             )
 
 
-def generate_tokens(backend, prompts, params: GeneratorParams, on_step=None):
-    """New token ids for each prompt (lists of ids); see `iterate_steps`."""
-    outputs = [[] for _ in prompts]
-    for new_ids in iterate_steps(backend, prompts, params, on_step):
-        for row, ids in enumerate(new_ids):
-            outputs[row].extend(ids)
-    return outputs
+class Generator:
+    """One batch of prompts (lists of token ids) generated step by step; see the module docstring.
 
-
-def iterate_steps(backend, prompts, params: GeneratorParams, on_step=None):
-    """Generate, yielding after every step the list of each row's newly accepted token ids.
-
-    `on_step(row, new_ids)`, if given, sees each row's new tokens first; returning False stops
-    that row (the text layer uses it for stop sequences). All checks run before the first step.
+    `sampler` replaces the TemperatureSampler that `params` describes (a study of samplers, say);
+    every check runs when the Generator is made, before any graph runs.
     """
-    sampler = params.check()
-    K, eos, pad = backend.chunk_size, backend.eos_id, backend.pad_id
-    check_prompts(prompts, K, eos, backend.max_context)
-    streams = params.streams if params.streams is not None else list(range(len(prompts)))
-    if len(streams) != len(prompts):
-        raise CalmEdgeError(f"{len(streams)} random streams for {len(prompts)} prompts; give one per prompt")
-    rngs = [RandomStream(params.seed, s) for s in streams]
 
-    rows = [fill_to_chunks(p, K, eos) for p in prompts]
-    ids, mask, positions = left_pad(rows, K, pad)
-    last = backend.start(ids, mask, positions)
-    position = positions[:, -1].copy()
+    def __init__(self, model, prompts, params: GeneratorParams = None, sampler: TemperatureSampler = None):
+        self._began = time.perf_counter()  # the trace's clock: checks, allocation and prefill count
+        self.model, self.params = model, params or GeneratorParams()
+        checked = self.params.check()
+        self.sampler = sampler or checked
+        K, eos, pad = model.chunk_size, model.eos_id, model.pad_id
+        prompts = [list(p) for p in prompts]
+        check_prompts(prompts, K, eos, model.max_context)
+        streams = self.params.streams if self.params.streams is not None else list(range(len(prompts)))
+        if len(streams) != len(prompts):
+            raise CalmEdgeError(f"{len(streams)} random streams for {len(prompts)} prompts; give one per prompt")
+        self.rngs = [RandomStream(self.params.seed, s) for s in streams]
 
-    outputs = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    while True:
-        new_ids = [[] for _ in prompts]
-        if backend.kind == "calm":
-            chunks = _sample_chunks(backend, sampler, last, rngs, done)
+        rows = [fill_to_chunks(p, K, eos) for p in prompts]
+        self._prompt = left_pad(rows, K, pad)
+        self.capacity = cache_capacity(rows, K, self.params.max_new_tokens, model.max_context)
+        self.state = model.new_state(len(rows), self.capacity)
+        self.position = self._prompt[2][:, -1].copy()  # each row's last position so far
+        self.tokens = [[] for _ in rows]  # the tokens accepted so far, per row
+        self.stop_reasons = [None] * len(rows)  # one of STOP_REASONS once a row is done
+        self._last = None  # the step graph's last output: hidden states (CALM) or logits (AR)
+        self._chunks = None  # the chunks the last step chose, fed to the backbone at the next
+        self._step_ends, self._prefill_seconds, self._graphs_at_first = [], 0.0, {}
+
+    @property
+    def done(self):
+        """Whether every row has stopped."""
+        return all(reason is not None for reason in self.stop_reasons)
+
+    def stop(self, row, reason="stop_sequence"):
+        """Stop `row` with `reason`: the caller's reason wins over the generator's for its last step."""
+        self.stop_reasons[row] = reason
+
+    def step(self):
+        """Run one step; returns each row's newly accepted token ids ([] for a stopped row)."""
+        if self.done:
+            raise CalmEdgeError("the generation is finished: every row has stopped; make a new Generator")
+        K, pad = self.model.chunk_size, self.model.pad_id
+        running = [reason is None for reason in self.stop_reasons]
+        if self._last is None:
+            self._last = self.state.start(*self._prompt)
+            self._prefill_seconds = sum(self.state.timings.values())
         else:
-            chunks = _sample_tokens(last, sampler.n, rngs, done, pad)
-        for row, chunk in enumerate(chunks):
-            if done[row]:
-                continue
-            kept = chunk[:params.max_new_tokens - len(outputs[row])]
-            if params.stop_at_eos and eos in kept:
-                kept = kept[:kept.index(eos)]
-                done[row] = True
-            outputs[row].extend(kept)
-            new_ids[row] = kept
-            if on_step is not None and kept:
-                done[row] = on_step(row, kept) is False or done[row]
-            if len(outputs[row]) >= params.max_new_tokens or position[row] + 1 >= backend.max_context:
-                done[row] = True
-        yield new_ids
-        if all(done):
-            return
-        position = position + 1
-        step_ids = np.array([chunk if not d else [pad] * K for chunk, d in zip(chunks, done)], dtype=np.int64)
-        last = backend.advance(step_ids, position[:, None])
+            self.position = self.position + 1
+            ids = np.array([chunk if run else [pad] * K for chunk, run in zip(self._chunks, running)], dtype=np.int64)
+            self._last = self.state.advance(ids, self.position[:, None])
+        done = [not run for run in running]
+        if self.model.kind == "calm":
+            self._chunks = _sample_chunks(self.state, self.model, self.sampler, self._last, self.rngs, done)
+        else:
+            self._chunks = _sample_tokens(self._last, self.sampler.n, self.rngs, done, pad)
+        new_ids = [[] for _ in self.tokens]
+        for row, chunk in enumerate(self._chunks):
+            if running[row]:
+                new_ids[row] = self._accept(row, chunk)
+        self._step_ends.append(time.perf_counter())
+        if len(self._step_ends) == 1:
+            self._graphs_at_first = dict(self.state.timings)
+        return new_ids
+
+    def __iter__(self):
+        """Each step's new ids until every row has stopped (`for new_ids in generator`)."""
+        while not self.done:
+            yield self.step()
+
+    def _accept(self, row, chunk):
+        """Append a row's chunk, cut at max_new_tokens and before eos; set its stop reason when done."""
+        params = self.params
+        kept = list(chunk[:params.max_new_tokens - len(self.tokens[row])])
+        if params.stop_at_eos and self.model.eos_id in kept:
+            kept = kept[:kept.index(self.model.eos_id)]
+            self.stop_reasons[row] = "eos"
+        self.tokens[row].extend(kept)
+        if self.stop_reasons[row] is None:
+            if len(self.tokens[row]) >= params.max_new_tokens:
+                self.stop_reasons[row] = "max_new_tokens"
+            elif self.position[row] + 1 >= self.model.max_context:
+                self.stop_reasons[row] = "context"
+        return kept
+
+    def trace(self):
+        """The timings of the steps so far, as a `timing.Trace` (seconds; the first row's tokens)."""
+        if not self._step_ends:
+            raise CalmEdgeError("no step has run yet; call step() first")
+        graphs = {name: seconds - self._graphs_at_first.get(name, 0.0) for name, seconds in self.state.timings.items()}
+        return Trace(total_s=self._step_ends[-1] - self._began, ttft_s=self._step_ends[0] - self._began,
+                     prefill_s=self._prefill_seconds, step_s=np.diff(self._step_ends).tolist(),
+                     tokens_per_step=self.model.chunk_size, new_tokens=len(self.tokens[0]), graphs_s=graphs)
 
 
-def _sample_chunks(backend, sampler, hidden, rngs, done):
+def generate_tokens(model, prompts, params: GeneratorParams = None, sampler=None):
+    """New token ids for each prompt (lists of ids): a Generator run to the end."""
+    generator = Generator(model, prompts, params, sampler)
+    for _ in generator:
+        pass
+    return generator.tokens
+
+
+def _sample_chunks(state, model, sampler, hidden, rngs, done):
     """One chunk per row (a pad chunk for finished rows), each row drawing from its own stream."""
-    K, noise_size, pad = backend.chunk_size, backend.noise_size, backend.pad_id
+    K, noise_size, pad = model.chunk_size, model.noise_size, model.pad_id
     active = [row for row in range(len(rngs)) if not done[row]]
     chunks = [[pad] * K for _ in rngs]
     if sampler.single_round():
         # Every row draws the same number of chunks: one head and one decoder call for the batch.
         count = sampler.draws_per_round()
         noise = np.stack([rngs[row].draw(count * noise_size).reshape(count, noise_size) for row in active])
-        latents = backend.sample_latents(hidden[active], noise)
-        drawn = backend.decode(latents.reshape(-1, latents.shape[-1])).reshape(len(active), count, K).tolist()
+        latents = state.sample_latents(hidden[active], noise)
+        drawn = state.decode(latents.reshape(-1, latents.shape[-1])).reshape(len(active), count, K).tolist()
         for row, row_chunks in zip(active, drawn):
             chunks[row] = list(sampler.choose([tuple(c) for c in row_chunks], rngs[row]))
         return chunks
     for row in active:  # the exact sampler: each row until its own acceptance
         def draw_chunks(count, h=hidden[row:row + 1], rng=rngs[row]):
             noise = rng.draw(count * noise_size).reshape(1, count, noise_size)
-            latents = backend.sample_latents(h, noise)[0]
-            return [tuple(c) for c in backend.decode(latents).tolist()]
+            latents = state.sample_latents(h, noise)[0]
+            return [tuple(c) for c in state.decode(latents).tolist()]
 
         chunks[row] = list(sampler.sample(draw_chunks, rngs[row]))
     return chunks

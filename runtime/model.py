@@ -1,30 +1,28 @@
-"""`Model`: a model package opened on ONNX Runtime, and its place behind the generation loop.
+"""`Model`: a model package opened on ONNX Runtime.
 
     from calm_edge.runtime import Model, GeneratorParams, generate
-    model = Model("models/calm-small", provider="cpu", threads=2)
+    model = Model("models/calm-small-int4", provider="cpu", threads=2)
     result = generate(model, "The history of", GeneratorParams(max_new_tokens=64, seed=1))
 
-`Model` checks the package (manifest, format version, sha256 of every file), opens one ONNX
-Runtime session per graph on the chosen execution provider, and serves as the loop's backend:
-`start` / `advance` keep the key/value cache in buffers preallocated for the whole context on
-the provider's device (`kv_cache.py`), bound through IO binding, so no step allocates a cache
-or copies it out to numpy. A `Model` holds no per-generation state: each
-generation gets its own `ModelState`, so one `Model` can serve several threads at once.
+`Model` checks the package (`package.Manifest.read`: schema, format version, files confined to
+the folder, sha256 of every file), opens one ONNX Runtime session per graph on the chosen
+execution provider and checks each graph's inputs and outputs against the manifest. A `Model`
+holds no per-generation state: each generation gets its own `StepState` (`new_state`, which a
+`Generator` calls), so one `Model` can serve several threads at once.
 
 Providers: "cpu" (default), "cuda", "tensorrt" (TensorRT's execution provider with fp16, an
 engine cache folder and optimisation profiles over the dynamic axes). Asking for a provider that
 this onnxruntime build lacks is an error listing the ones it has.
 """
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
 from calm_edge.errors import CalmEdgeError
-from calm_edge.runtime import package
-from calm_edge.runtime.generator import Backend
-from calm_edge.runtime.kv_cache import ONNX_TO_NUMPY, KVCache
+from calm_edge.runtime.kv_cache import ONNX_TO_NUMPY
+from calm_edge.runtime.package import Manifest
+from calm_edge.runtime.step_state import StepState
 from calm_edge.tokenizer import Tokenizer
 
 PROVIDERS = {
@@ -46,14 +44,13 @@ def available_providers():
     return [name for name, ort_name in PROVIDERS.items() if ort_name in have]
 
 
-def tensorrt_options(manifest, engine_cache, max_batch=16, fp16=True):
+def tensorrt_options(manifest: Manifest, engine_cache, max_batch=16, fp16=True):
     """TensorRT execution-provider options: fp16, an engine cache, and profiles over the dynamic axes.
 
     The profiles cover batch 1..max_batch, prefill up to the full context, and the cache from
     empty to full, so one engine serves prefill and decode without rebuilding.
     """
-    model, kind = manifest["model"], manifest["kind"]
-    K, context = model["chunk_size"], model["max_context"]
+    K, context = manifest.chunk_size, manifest.max_context
 
     def shapes(spec, pick):
         dims = {"batch": pick[0], "sequence": pick[1], "sequence_tokens": pick[1] * K, "past": pick[2],
@@ -64,9 +61,8 @@ def tensorrt_options(manifest, engine_cache, max_batch=16, fp16=True):
             parts.append(f"{io['name']}:{'x'.join(shape)}")
         return ",".join(parts)
 
-    specs = package.graph_specs(kind, model)
     options = {}
-    for name, spec in specs.items():
+    for name, spec in manifest.specs().items():
         options[name] = {
             "trt_fp16_enable": fp16,
             "trt_engine_cache_enable": True,
@@ -119,58 +115,52 @@ def spinning_entries(policy):
 
 
 class Model:
-    """A model package opened for generation on one execution provider."""
+    """A model package opened for generation on one execution provider.
+
+    Attributes a caller uses: `manifest` (the package's `Manifest`), `tokenizer`, `kind`,
+    `chunk_size`, `max_context`, `eos_id`, `pad_id`, `noise_size`, `sessions` ({graph: ONNX
+    Runtime session}), `provider`.
+    """
 
     def __init__(self, path, provider="cpu", threads=None, engine_cache=None, verify=True, spinning=DEFAULT_SPINNING):
-        ort = _onnxruntime()
+        self.ort = _onnxruntime()
         self.path = Path(path)
-        self.manifest = package.read_manifest(self.path, verify=verify)
-        self.kind = self.manifest["kind"]
-        self.provider = provider
-        section = self.manifest["model"]
-        self.tokenizer = Tokenizer(self.path / self.manifest["tokenizer"]["file"])
-        self.chunk_size = section["chunk_size"]
-        self.eos_id, self.pad_id = section["special_ids"]["eos"], section["special_ids"]["pad"]
-        self.noise_size = section.get("noise_size", 0)
-        self.max_context = section["max_context"]
-        self.num_layers = section["num_layers"]
+        self.manifest = manifest = Manifest.read(self.path, verify=verify)
+        self.kind, self.provider = manifest.kind, provider
+        self.tokenizer = Tokenizer(manifest.tokenizer_path)
+        self.chunk_size, self.max_context = manifest.chunk_size, manifest.max_context
+        self.eos_id, self.pad_id, self.noise_size = manifest.eos_id, manifest.pad_id, manifest.noise_size
         if threads is not None and threads < 1:
             raise CalmEdgeError(f"threads={threads} must be at least 1")
 
-        options = ort.SessionOptions()
+        options = self.ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         for key, value in spinning_entries(spinning).items():
             options.add_session_config_entry(key, value)
         self.sessions = {}
-        for name, graph in self.manifest["graphs"].items():
-            providers = session_providers(provider, self.manifest, name, engine_cache)
+        for name in manifest.graphs:
+            providers = session_providers(provider, manifest, name, engine_cache)
+            file = manifest.graph_path(name)
             try:
-                self.sessions[name] = ort.InferenceSession(str(self.path / graph["file"]), options, providers=providers)
+                self.sessions[name] = self.ort.InferenceSession(str(file), options, providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types for a bad graph
-                raise CalmEdgeError(f"{self.path / graph['file']} cannot be loaded by onnxruntime ({e}); re-export the package") from None
-        self._step_name = "ar" if self.kind == "ar" else "backbone"
-        self._step_graph = self.sessions[self._step_name]
-        step_spec = package.graph_specs(self.kind, section)[self._step_name]
-        self._past_names = [io["name"] for io in step_spec["inputs"][3:]]
-        self._present_names = [io["name"] for io in step_spec["outputs"][1:]]
-        self._first_output = step_spec["outputs"][0]["name"]
-        self.num_kv_heads, self.head_dim = section["num_kv_heads"], section["head_dim"]
+                raise CalmEdgeError(f"{file} cannot be loaded by onnxruntime ({e}); re-export the package") from None
+            _check_signature(self.sessions[name], manifest.graphs[name], file)
         # The cache lives where the step graph computes: the GPU for cuda/tensorrt, so it never
         # crosses to the host between steps. Its dtype is the graph's (fp16 packages may keep
         # an fp16 cache).
-        output_types = {o.name: o.type for o in self._step_graph.get_outputs()}
-        self._cache_dtype = ONNX_TO_NUMPY[output_types[self._present_names[0]]]
-        self._first_output_dtype = ONNX_TO_NUMPY[output_types[self._first_output]]
-        self._first_output_width = section["vocab_size"] if self.kind == "ar" else section["hidden_size"]
-        self._cache_device = "cpu" if provider == "cpu" else "cuda"
+        output_types = {o.name: o.type for o in self.sessions[manifest.step_graph].get_outputs()}
+        self.cache_dtype = ONNX_TO_NUMPY[output_types[manifest.present_names[0]]]
+        self.step_output_dtype = ONNX_TO_NUMPY[output_types[manifest.step_output]]
+        self.cache_device = "cpu" if provider == "cpu" else "cuda"
 
-    def new_state(self):
-        """Per-generation state (mask and cache) behind the loop's Backend interface."""
-        return ModelState(self)
+    def new_state(self, batch, capacity):
+        """A generation's state: mask, a key/value cache of `capacity` positions for `batch` rows, timings."""
+        return StepState(self, batch, capacity)
 
-    # The two stateless graphs, used directly by the loop and by evaluation.
+    # The two stateless graphs, used by the loop (through StepState) and by evaluation.
 
     def sample_latents(self, hidden, noise):
         return self.sessions["energy_head"].run(None, {"hidden": np.ascontiguousarray(hidden, np.float32),
@@ -180,62 +170,10 @@ class Model:
         return self.sessions["decoder"].run(None, {"latents": np.ascontiguousarray(latents, np.float32)})[0]
 
 
-class ModelState(Backend):
-    """One generation's mask, preallocated key/value cache and timings on a shared `Model`.
-
-    `timings` accumulates the seconds spent in each graph's run, so a benchmark can tell the
-    graphs' time from the loop's own (sampling, bookkeeping, Python).
-    """
-
-    def __init__(self, model: Model):
-        self.model = model
-        self.kind, self.chunk_size = model.kind, model.chunk_size
-        self.eos_id, self.pad_id, self.noise_size = model.eos_id, model.pad_id, model.noise_size
-        self.max_context = model.max_context
-        self.mask = None
-        self.cache = None  # a KVCache, allocated at prefill when the batch size is known
-        self.timings = {name: 0.0 for name in model.sessions}
-
-    def _run(self, input_ids, position_ids):
-        session = self.model._step_graph
-        binding = session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask, np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
-        # The step's result goes straight into a host array: reading it back through
-        # get_outputs() would wrap every bound output, the cache included, each step.
-        model = self.model
-        batch, new_positions = position_ids.shape
-        shape = (batch, model._first_output_width) if self.kind == "ar" else (batch, new_positions, model._first_output_width)
-        last = np.empty(shape, model._first_output_dtype)
-        binding.bind_output(model._first_output, "cpu", 0, last.dtype, list(shape), last.ctypes.data)
-        total = self.cache.bind(binding, new_positions)
-        began = time.perf_counter()
-        session.run_with_iobinding(binding)
-        self.timings[self.model._step_name] += time.perf_counter() - began
-        self.cache.commit(total)
-        return last[:, -1] if last.ndim == 3 else last
-
-    def start(self, input_ids, attention_mask, position_ids):
-        model = self.model
-        self.mask = attention_mask
-        self.cache = KVCache(_onnxruntime(), model._past_names, model._present_names, batch=len(input_ids),
-                             kv_heads=model.num_kv_heads, head_dim=model.head_dim, capacity=self.max_context,
-                             dtype=model._cache_dtype, device=model._cache_device)
-        return self._run(input_ids, position_ids)
-
-    def advance(self, input_ids, position_ids):
-        self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), dtype=np.int64)], axis=1)
-        return self._run(input_ids, position_ids)
-
-    def sample_latents(self, hidden, noise):
-        began = time.perf_counter()
-        latents = self.model.sample_latents(hidden, noise)
-        self.timings["energy_head"] += time.perf_counter() - began
-        return latents
-
-    def decode(self, latents):
-        began = time.perf_counter()
-        token_ids = self.model.decode(latents)
-        self.timings["decoder"] += time.perf_counter() - began
-        return token_ids
+def _check_signature(session, graph, file):
+    """The graph must take and give what the manifest says, by name (a graph swapped between roles fails here)."""
+    have = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+    for side, names, expected in (("inputs", have[0], graph.input_names), ("outputs", have[1], graph.output_names)):
+        if sorted(names) != sorted(expected):
+            raise CalmEdgeError(f"{file} has {side} {names}, but the manifest's {graph.name} graph has {expected}; "
+                                "the package's files do not belong together, export the package again")

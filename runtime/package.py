@@ -7,7 +7,7 @@ A package is a folder with everything a runtime needs and nothing else:
     CALM:  backbone.onnx  energy_head.onnx  decoder.onnx
     AR:    ar.onnx
 
-Graphs (names follow optimum and onnxruntime-genai; `GRAPH_SPECS` below is the contract):
+Graphs (names follow optimum and onnxruntime-genai; `graph_specs` below is the contract):
 
     backbone     input_ids int64 [batch, S*K], attention_mask int64 [batch, P+S],
                  position_ids int64 [batch, S], past_key_values.{i}.key|value [batch, kv_heads, P, head_dim]
@@ -18,12 +18,18 @@ Graphs (names follow optimum and onnxruntime-genai; `GRAPH_SPECS` below is the c
     decoder      latents [M, latent] -> token_ids int64 [M, K]   (argmax inside the graph)
     ar           as backbone with K = 1, -> logits [batch, vocab] of the last position, present.*
 
-The exporter writes packages with `write_manifest`; runtimes open them with `read_manifest`,
-which checks the format version, every file's presence and sha256, and the graph list, and
-raises a `CalmEdgeError` naming the file and the fix.
+Writing: the exporter and the quantizer build the manifest's sections here (`model_section`,
+`provenance_section`) and write it with `write_manifest`. Reading: `Manifest.read(folder)` is
+the one place a package is checked (schema, format version, files confined to the folder,
+presence and sha256 of every file) and the typed view every caller uses (`manifest.kind`,
+`manifest.step_graph`, `manifest.past_names`, `manifest.quantization_mode`, ...). A problem is a
+`CalmEdgeError` naming the file or key and the fix. `read_manifest` gives the same checked
+manifest as the JSON dict, for tools that report it.
 """
 import json
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 from calm_edge.errors import CalmEdgeError
 from calm_edge.fileio import sha256_of, write_json_atomic
@@ -34,9 +40,15 @@ MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
 KINDS = ("calm", "ar")
 GRAPHS = {"calm": ("backbone", "energy_head", "decoder"), "ar": ("ar",)}
+STEP_GRAPH = {"calm": "backbone", "ar": "ar"}  # the graph that holds the key/value cache
+MAX_CONTEXT = 1 << 20  # positions; far beyond any model, and a bound on what a manifest may ask to allocate
 
 
-def _cache_names(num_layers, prefix):
+# ----- the graphs' signatures ------------------------------------------------------------------
+
+
+def cache_names(num_layers, prefix):
+    """`{prefix}.{i}.key|value` for every layer: the step graph's cache inputs or outputs, in order."""
     return [f"{prefix}.{i}.{part}" for i in range(num_layers) for part in ("key", "value")]
 
 
@@ -47,9 +59,9 @@ def graph_specs(kind, model):
     """
     layers, kv, head_dim = model["num_layers"], model["num_kv_heads"], model["head_dim"]
     past = [{"name": n, "dtype": "float32", "shape": ["batch", kv, "past", head_dim]}
-            for n in _cache_names(layers, "past_key_values")]
+            for n in cache_names(layers, "past_key_values")]
     present = [{"name": n, "dtype": "float32", "shape": ["batch", kv, "total", head_dim]}
-               for n in _cache_names(layers, "present")]
+               for n in cache_names(layers, "present")]
     step_inputs = [
         {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence_tokens"]},
         {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total"]},
@@ -82,12 +94,60 @@ def dynamic_axes(spec):
             for io in spec["inputs"] + spec["outputs"]}
 
 
-def write_manifest(folder, kind, model, provenance, quantization=None, validation=None, extra_files=()):
-    """Write manifest.json for the graph and tokenizer files already in `folder`; returns it."""
+# ----- writing ---------------------------------------------------------------------------------
+
+
+def model_section(kind, config):
+    """The manifest's "model" section for the `kind` model of a `calm_edge.config.Config`."""
+    tok = config.tokenizer
+    backbone = (config.calm if kind == "calm" else config.ar).backbone
+    section = {
+        "chunk_size": config.autoencoder.chunk_size if kind == "calm" else 1,
+        "vocab_size": tok.vocab_size,
+        "special_ids": dict(tok.reserved_ids),
+        "hidden_size": backbone.hidden_size,
+        "num_layers": backbone.num_layers,
+        "num_heads": backbone.num_heads,
+        "num_kv_heads": backbone.num_kv_heads,
+        "head_dim": backbone.head_dim,
+        "max_context": backbone.max_positions,  # CALM: vectors (K tokens each); AR: tokens
+    }
+    if kind == "calm":
+        section.update(latent_size=config.autoencoder.latent_size, noise_size=config.calm.noise_size,
+                       energy_head_layers=config.calm.energy_head_layers)
+    return section
+
+
+PROVENANCE_FROM_SUMMARY = ("parameters", "training_flops", "inference_flops_per_token", "autoencoder")
+
+
+def provenance_section(checkpoint_folder, trainer, config, run_summary=None):
+    """The manifest's "provenance" section: where the weights came from and their measured quality.
+
+    `trainer`: the checkpoint's trainer.json; `config`: its Config as a dict; `run_summary`: the
+    run's run_summary.json, if it has one.
+    """
+    info = {
+        "checkpoint": str(checkpoint_folder),
+        "step": trainer.get("step"),
+        "tokens_seen": trainer.get("tokens_seen"),
+        "data": trainer.get("data"),
+        "valid": trainer.get("valid", {}),
+        "config": config,
+    }
+    if trainer.get("random_weights"):  # an untrained model of some preset's dimensions, for speed only
+        info["random_weights"] = True
+    for key in PROVENANCE_FROM_SUMMARY:
+        if key in (run_summary or {}):
+            info[key] = run_summary[key]
+    return info
+
+
+def write_manifest(folder, kind, model, provenance, quantization=None, validation=None):
+    """Write manifest.json for the graph and tokenizer files already in `folder`; returns it as a dict."""
     folder = Path(folder)
-    specs = graph_specs(kind, model)
     graphs = {}
-    for name, spec in specs.items():
+    for name, spec in graph_specs(kind, model).items():
         graphs[name] = {**spec, "sha256": sha256_of(folder / spec["file"]),
                         "bytes": (folder / spec["file"]).stat().st_size}
         # ONNX external data (graphs over 2 GB) travels with its graph.
@@ -109,41 +169,301 @@ def write_manifest(folder, kind, model, provenance, quantization=None, validatio
     return manifest
 
 
+# ----- reading ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Graph:
+    """One graph of a package: its file (inside the package), checksum, size and signature."""
+
+    name: str
+    file: str
+    sha256: str
+    bytes: int
+    inputs: list  # [{"name", "dtype", "shape"}]
+    outputs: list
+    external_data: dict = None  # {"file", "sha256"} when the weights lie beside the graph
+
+    @property
+    def input_names(self):
+        return [io["name"] for io in self.inputs]
+
+    @property
+    def output_names(self):
+        return [io["name"] for io in self.outputs]
+
+
+class Manifest(Mapping):
+    """A package's manifest.json, checked: the typed view of everything a caller needs.
+
+    Attributes: `folder`, `kind` ("calm" or "ar"), `format_version`, the model's dimensions
+    (`chunk_size` K, `vocab_size`, `hidden_size`, `num_layers`, `num_heads`, `num_kv_heads`,
+    `head_dim`, `max_context` in positions, and for CALM `latent_size`, `noise_size`), the
+    special ids (`eos_id`, `pad_id`, `bos_id`), `graphs` ({name: Graph}), `provenance`,
+    `validation` and the raw dict (`data`). Build one with `Manifest.read(folder)`.
+
+    It is also a read-only mapping over the JSON as written (`manifest["quantization"]`), which
+    is what `Model.manifest` was before this class: reports copy it, and scripts written against
+    the dict keep working. calm-edge's own code uses the properties.
+    """
+
+    def __init__(self, folder, data):
+        self.folder = Path(folder)
+        self.data = data
+        self.path = self.folder / MANIFEST_FILE
+        self.format_version = data["format_version"]
+        self.kind = data["kind"]
+        model = data["model"]
+        self.model_section = model
+        self.chunk_size, self.vocab_size = model["chunk_size"], model["vocab_size"]
+        self.hidden_size, self.num_layers = model["hidden_size"], model["num_layers"]
+        self.num_heads, self.num_kv_heads, self.head_dim = model["num_heads"], model["num_kv_heads"], model["head_dim"]
+        self.max_context = model["max_context"]
+        self.latent_size, self.noise_size = model.get("latent_size", 0), model.get("noise_size", 0)
+        self.special_ids = dict(model["special_ids"])
+        self.tokenizer_file = data["tokenizer"]["file"]
+        self.graphs = {name: Graph(name=name, file=g["file"], sha256=g["sha256"], bytes=g["bytes"], inputs=g["inputs"],
+                                   outputs=g["outputs"], external_data=g.get("external_data"))
+                       for name, g in data["graphs"].items()}
+        self.quantization = data["quantization"]
+        self.provenance = data.get("provenance") or {}
+        self.validation = data.get("validation") or {}
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def __iter__(self):
+        return iter(self.data)
+
+    def __len__(self):
+        return len(self.data)
+
+    # ----- what callers ask ------------------------------------------------------------------
+
+    @property
+    def eos_id(self):
+        return self.special_ids["eos"]
+
+    @property
+    def pad_id(self):
+        return self.special_ids["pad"]
+
+    @property
+    def bos_id(self):
+        return self.special_ids.get("bos")
+
+    @property
+    def step_graph(self):
+        """The graph that runs once per step and holds the key/value cache: "backbone" or "ar"."""
+        return STEP_GRAPH[self.kind]
+
+    @property
+    def past_names(self):
+        return cache_names(self.num_layers, "past_key_values")
+
+    @property
+    def present_names(self):
+        return cache_names(self.num_layers, "present")
+
+    @property
+    def step_output(self):
+        """The step graph's first output: "hidden" (CALM) or "logits" (AR)."""
+        return "logits" if self.kind == "ar" else "hidden"
+
+    @property
+    def step_output_width(self):
+        return self.vocab_size if self.kind == "ar" else self.hidden_size
+
+    def specs(self):
+        """{graph name: spec} of this package's graphs (see `graph_specs`)."""
+        return graph_specs(self.kind, self.model_section)
+
+    def file(self, name):
+        """The path of a file the manifest names (checked to lie inside the package when it was read)."""
+        return self.folder / name
+
+    @property
+    def tokenizer_path(self):
+        return self.file(self.tokenizer_file)
+
+    def graph_path(self, name):
+        return self.file(self.graphs[name].file)
+
+    @property
+    def quantization_mode(self):
+        return self.quantization["mode"]
+
+    @property
+    def graph_modes(self):
+        """{graph: quantization mode}, "fp32" for a graph left as exported."""
+        return dict(self.quantization.get("graphs", {}))
+
+    @property
+    def quantization_source(self):
+        """{"package", "manifest_sha256"} of the fp32 package a quantized one came from, else None."""
+        return self.quantization.get("source")
+
+    @property
+    def training_config(self):
+        """The training run's Config as a dict (`calm_edge.config.Config.from_dict`), or None."""
+        return self.provenance.get("config") or None
+
+    @property
+    def position_chunk_size(self):
+        """The K that lays evaluation positions out: the autoencoder's, for AR packages too.
+
+        An AR model is evaluated at the positions of the CALM model it is compared with, which
+        its training config's autoencoder K gives; a package without one uses its own K.
+        """
+        config = self.training_config or {}
+        return int((config.get("autoencoder") or {}).get("chunk_size") or self.chunk_size)
+
+    @property
+    def random_weights(self):
+        return bool(self.provenance.get("random_weights"))
+
+    @property
+    def total_graph_bytes(self):
+        return sum(g.bytes for g in self.graphs.values())
+
+    # ----- reading and checking --------------------------------------------------------------
+
+    @classmethod
+    def read(cls, folder, verify=True):
+        """The checked manifest of the package in `folder` (sha256 of every file when `verify`)."""
+        folder = Path(folder)
+        path = folder / MANIFEST_FILE
+        if not folder.is_dir():
+            raise CalmEdgeError(f"model package {folder} does not exist; create one with `calm-edge export`")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CalmEdgeError(f"{path} not found: {folder} is not a calm-edge model package; "
+                                "export one with `calm-edge export`") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CalmEdgeError(f"{path} is corrupt ({e}); export the package again") from None
+        except OSError as e:
+            raise CalmEdgeError(f"cannot read {path}: {e.strerror}; check the package folder") from None
+        _check_schema(data, path)
+        manifest = cls(folder, data)
+        manifest._check_files(verify)
+        return manifest
+
+    def _files(self):
+        """(file, expected sha256, what it is) for every file the manifest names."""
+        files = [(self.tokenizer_file, self.data["tokenizer"]["sha256"], "tokenizer")]
+        for name, graph in self.graphs.items():
+            files.append((graph.file, graph.sha256, f"{name} graph"))
+            if graph.external_data:
+                files.append((graph.external_data["file"], graph.external_data["sha256"], f"{name} graph's data"))
+        return files
+
+    def _check_files(self, verify):
+        root = self.folder.resolve()
+        for file, expected, what in self._files():
+            file_path = self.folder / file
+            if file_path.exists() and not file_path.resolve().is_relative_to(root):
+                raise CalmEdgeError(f"{self.path} names {file!r} ({what}), which leads outside the package folder; "
+                                    "a package must hold its own files: export the package again")
+            if not file_path.is_file():
+                raise CalmEdgeError(f"{file_path} ({what}) is missing from the package; "
+                                    "copy the whole package folder again")
+            if verify and sha256_of(file_path) != expected:
+                raise CalmEdgeError(
+                    f"{file_path} ({what}) does not match the sha256 in {self.path}: the file is corrupt or was "
+                    "replaced; copy the package again or re-export it"
+                )
+
+
 def read_manifest(folder, verify=True):
-    """The checked manifest of the package in `folder` (sha256 of every file when `verify`)."""
-    folder = Path(folder)
-    path = folder / MANIFEST_FILE
-    if not folder.is_dir():
-        raise CalmEdgeError(f"model package {folder} does not exist; create one with `calm-edge export`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CalmEdgeError(f"{path} not found: {folder} is not a calm-edge model package; export one with `calm-edge export`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CalmEdgeError(f"{path} is corrupt ({e}); export the package again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    """The checked manifest of the package in `folder` as its JSON dict (see `Manifest.read`)."""
+    return Manifest.read(folder, verify=verify).data
+
+
+# ----- the schema ------------------------------------------------------------------------------
+
+
+def _check_schema(data, path):
+    """Every key a runtime relies on is present, of its type and in range; else one error naming the key."""
+    def fail(key, problem):
+        raise CalmEdgeError(f"{path}: {key} {problem}; the manifest is damaged or was edited, export the package again")
+
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CalmEdgeError(f"{path} is not a calm-edge package manifest; export the package again")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    version = data.get("format_version")
+    if not _is_int(version) or version < 1:
+        fail("format_version", f"is {version!r}, not a format version (1 to {FORMAT_VERSION})")
+    if version > FORMAT_VERSION:
         raise CalmEdgeError(
             f"{path} has package format version {version}, newer than this calm-edge reads ({FORMAT_VERSION}); "
             "upgrade calm-edge (pip install -U calm-edge) or export the package with this version"
         )
-    kind = manifest.get("kind")
-    if kind not in KINDS or set(manifest.get("graphs", {})) != set(GRAPHS[kind]):
-        raise CalmEdgeError(f"{path} lists graphs {sorted(manifest.get('graphs', {}))} for kind {kind!r}; export the package again")
-    files = [(manifest["tokenizer"]["file"], manifest["tokenizer"]["sha256"], "tokenizer")]
-    for name, graph in manifest["graphs"].items():
-        files.append((graph["file"], graph["sha256"], f"{name} graph"))
+    kind = data.get("kind")
+    graphs = data.get("graphs")
+    if kind not in KINDS or not isinstance(graphs, dict) or set(graphs) != set(GRAPHS[kind]):
+        listed = sorted(graphs) if isinstance(graphs, dict) else graphs
+        raise CalmEdgeError(f"{path} lists graphs {listed} for kind {kind!r}; export the package again")
+
+    model = data.get("model")
+    if not isinstance(model, dict):
+        fail("model", "is missing or not an object")
+    positive = ["chunk_size", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "max_context"] + (["latent_size", "noise_size"] if kind == "calm" else [])
+    for key in positive:
+        if not _is_int(model.get(key)) or model[key] < 1:
+            fail(f"model.{key}", f"is {model.get(key)!r}, not a positive whole number")
+    if kind == "ar" and model["chunk_size"] != 1:
+        fail("model.chunk_size", f"is {model['chunk_size']}, but an AR package generates one token per step (1)")
+    if model["max_context"] > MAX_CONTEXT:
+        fail("model.max_context", f"is {model['max_context']}, beyond the {MAX_CONTEXT} positions calm-edge allocates")
+    if model["num_heads"] % model["num_kv_heads"]:
+        fail("model.num_kv_heads", f"({model['num_kv_heads']}) does not divide num_heads ({model['num_heads']})")
+    special = model.get("special_ids")
+    if not isinstance(special, dict) or not all(_is_int(special.get(k)) for k in ("eos", "pad")):
+        fail("model.special_ids", "must give whole-number eos and pad ids")
+    for key, value in special.items():
+        if _is_int(value) and not 0 <= value < model["vocab_size"]:
+            fail(f"model.special_ids.{key}", f"is {value}, outside the vocabulary of {model['vocab_size']}")
+
+    tokenizer = data.get("tokenizer")
+    if not isinstance(tokenizer, dict):
+        fail("tokenizer", "is missing or not an object")
+    _check_file_entry(tokenizer, "tokenizer", fail)
+    for name, graph in graphs.items():
+        if not isinstance(graph, dict):
+            fail(f"graphs.{name}", "is not an object")
+        _check_file_entry(graph, f"graphs.{name}", fail)
+        if not _is_int(graph.get("bytes")) or graph["bytes"] < 0:
+            fail(f"graphs.{name}.bytes", f"is {graph.get('bytes')!r}, not a size in bytes")
+        for side in ("inputs", "outputs"):
+            entries = graph.get(side)
+            if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                         for e in entries):
+                fail(f"graphs.{name}.{side}", "must be a list of {name, dtype, shape}")
         if "external_data" in graph:
-            files.append((graph["external_data"]["file"], graph["external_data"]["sha256"], f"{name} graph's data"))
-    for file, expected, what in files:
-        file_path = folder / file
-        if not file_path.is_file():
-            raise CalmEdgeError(f"{file_path} ({what}) is missing from the package; copy the whole package folder again")
-        if verify and sha256_of(file_path) != expected:
-            raise CalmEdgeError(
-                f"{file_path} ({what}) does not match the sha256 in {path}: the file is corrupt or was replaced; "
-                "copy the package again or re-export it"
-            )
-    return manifest
+            if not isinstance(graph["external_data"], dict):
+                fail(f"graphs.{name}.external_data", "is not an object")
+            _check_file_entry(graph["external_data"], f"graphs.{name}.external_data", fail)
+    quantization = data.get("quantization")
+    if not isinstance(quantization, dict) or not isinstance(quantization.get("mode"), str):
+        fail("quantization.mode", "is missing or not a string")
+    for key in ("provenance", "validation"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            fail(key, "is not an object")
+
+
+def _check_file_entry(entry, key, fail):
+    """A {"file", "sha256"} entry whose file is a plain name inside the package folder."""
+    file = entry.get("file")
+    if not isinstance(file, str) or not file:
+        fail(f"{key}.file", f"is {file!r}, not a file name")
+    parts = PurePosixPath(file).parts
+    if PurePosixPath(file).is_absolute() or "\\" in file or ".." in parts or file.startswith("~"):
+        fail(f"{key}.file", f"is {file!r}, which leads outside the package folder")
+    digest = entry.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64:
+        fail(f"{key}.sha256", f"is {digest!r}, not a sha256")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)

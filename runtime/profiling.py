@@ -1,49 +1,43 @@
-"""Where a generation's time goes: decode tokens/s, and each step split between graphs and loop.
+"""Timing generations through the runtime's loop: the measurements behind the speed figures.
 
-`one_generation` times one batch-1 generation through the runtime's loop, separating the
-prefill (the first call of the step graph, on the whole prompt) from the decode steps, and
-using each graph's own accumulated run time (`ModelState.timings`). `measure` repeats it and
-reports the median run whole, so the figures of one run add up.
-
-Used by `benchmarks/runtime.py` and by the quickstart's benchmark stage, so both report decode
-speed by the same definition: new tokens / (generation time - prefill time).
+`trace_generation` runs one generation and returns its `timing.Trace`; `measure` repeats a
+batch-1 generation and reports the median run by the definitions of `timing.py`. Used by the
+quickstart's benchmark stage, `calm-edge eval compare` and the benchmark scripts.
 """
-import time
+import statistics
 
-from calm_edge.runtime.generator import iterate_steps
+from calm_edge.runtime.generator import Generator
+from calm_edge.runtime.timing import decode_tokens_per_second, step_split_ms
 
 
-def one_generation(model, prompt, params):
-    """(seconds, prefill seconds, steps, tokens, graph seconds) of one generation of token ids `prompt`."""
-    state = model.new_state()
-    began = time.perf_counter()
-    steps, tokens, prefill = 0, 0, None
-    for new_ids in iterate_steps(state, [prompt], params):
-        if prefill is None:  # the first step follows the prefill call directly
-            prefill = state.timings[model._step_name]
-        steps += 1
-        tokens += len(new_ids[0])
-    seconds = time.perf_counter() - began
-    graphs = dict(state.timings)
-    graphs[model._step_name] -= prefill
-    return {"seconds": seconds, "prefill_seconds": prefill, "steps": steps, "tokens": tokens, "graphs": graphs}
+def trace_generation(model, prompts, params, sampler=None):
+    """(new token ids per prompt, Trace) of one generation through the runtime's loop."""
+    generator = Generator(model, prompts, params, sampler)
+    for _ in generator:
+        pass
+    return generator.tokens, generator.trace()
 
 
 def measure(model, prompt, params, repeats):
-    """Decode tokens/s, step time and its split per graph, of the median of `repeats` generations."""
-    runs = [one_generation(model, prompt, params) for _ in range(repeats)]
-    run = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run, whole
-    decode_seconds = run["seconds"] - run["prefill_seconds"]
-    graph_seconds = sum(run["graphs"].values())
-    per_step_ms = {name: 1e3 * s / run["steps"] for name, s in run["graphs"].items()}
-    per_step_ms["loop_overhead"] = 1e3 * (decode_seconds - graph_seconds) / run["steps"]
+    """Decode figures of one prompt (token ids) at batch 1: the median of `repeats` generations.
+
+    Returns the keys of benchmarks/results/runtime_*.json: new_tokens, steps, prefill_ms,
+    decode_tokens_per_second, step_ms (mean decode step), per_step_ms (the split), loop_share
+    and every run's total seconds.
+    """
+    traces = [trace_generation(model, [prompt], params)[1] for _ in range(repeats)]
+    rates = [decode_tokens_per_second(t) for t in traces]
+    median = sorted(zip(rates, range(len(traces))))[len(traces) // 2][1]  # the median run, whole
+    trace = traces[median]
+    split = step_split_ms([trace])
+    step_ms = 1e3 * statistics.fmean(trace.step_s)
     return {
-        "new_tokens": run["tokens"],
-        "steps": run["steps"],
-        "prefill_ms": round(1e3 * run["prefill_seconds"], 2),
-        "decode_tokens_per_second": round(run["tokens"] / decode_seconds, 1),
-        "step_ms": round(1e3 * decode_seconds / run["steps"], 3),
-        "per_step_ms": {k: round(v, 3) for k, v in per_step_ms.items()},
-        "loop_share": round((decode_seconds - graph_seconds) / decode_seconds, 4),
-        "all_runs_seconds": [round(r["seconds"], 4) for r in runs],
+        "new_tokens": trace.new_tokens,
+        "steps": len(trace.step_s) + 1,
+        "prefill_ms": round(1e3 * trace.prefill_s, 2),
+        "decode_tokens_per_second": round(rates[median], 1),
+        "step_ms": round(step_ms, 3),
+        "per_step_ms": {k: round(v, 3) for k, v in split.items()},
+        "loop_share": round(split.get("loop_overhead", 0.0) / step_ms, 4),
+        "all_runs_seconds": [round(t.total_s, 4) for t in traces],
     }

@@ -4,15 +4,16 @@
     for piece in stream(model, "Once upon", GeneratorParams(seed=3)):
         print(piece, end="", flush=True)
 
-Several prompts are generated as one left-padded batch. Streaming yields text as each step's
-tokens arrive (K at a time for CALM), holding back an incomplete UTF-8 character until its
-last byte arrives. A stop sequence ends a sequence: its text is cut before the stop sequence;
-its token ids are those generated up to and including the step that completed it.
+Both run a `Generator` (generator.py). Several prompts are generated as one left-padded batch.
+Streaming yields text as each step's tokens arrive (K at a time for CALM), holding back an
+incomplete UTF-8 character until its last byte arrives. A stop sequence ends a sequence: its
+text is cut before the stop sequence; its token ids are those generated up to and including the
+step that completed it.
 """
 from dataclasses import dataclass
 
 from calm_edge.errors import CalmEdgeError
-from calm_edge.runtime.generator import GeneratorParams, generate_tokens, iterate_steps
+from calm_edge.runtime.generator import Generator, GeneratorParams
 
 
 @dataclass
@@ -52,52 +53,36 @@ def _encode_prompts(model, prompts):
     return list(prompts), [model.tokenizer.encode(p) for p in prompts]
 
 
+def _pieces(generator, trackers):
+    """Advance `generator` to the end; yield (row, new printable text) as each row's tokens arrive."""
+    for new_ids in generator:
+        for row, ids in enumerate(new_ids):
+            if ids:
+                piece = trackers[row].add(ids)
+                if trackers[row].stopped:
+                    generator.stop(row, "stop_sequence")
+                yield row, piece
+
+
 def generate(model, prompts, params: GeneratorParams = None):
     """Generate continuations; a single prompt string gives one result, a list gives a list."""
     params = params or GeneratorParams()
     single = isinstance(prompts, str)
     texts, encoded = _encode_prompts(model, prompts)
     trackers = [_TextTracker(model.tokenizer, params.stop_sequences) for _ in texts]
-
-    def on_step(row, new_ids):
-        trackers[row].add(new_ids)
-        return not trackers[row].stopped
-
-    outputs = generate_tokens(model.new_state(), encoded, params, on_step=on_step)
-    results = [_result(model, params, prompt, ids, tracker) for prompt, ids, tracker in zip(texts, outputs, trackers)]
+    generator = Generator(model, encoded, params)
+    for _ in _pieces(generator, trackers):
+        pass
+    results = [GenerationResult(prompt=prompt, text=tracker.text if tracker.ids else "", token_ids=ids,
+                                stopped_by=reason)
+               for prompt, ids, tracker, reason in zip(texts, generator.tokens, trackers, generator.stop_reasons)]
     return results[0] if single else results
-
-
-def _result(model, params, prompt, ids, tracker):
-    if tracker.stopped:
-        reason = "stop_sequence"
-    elif len(ids) >= params.max_new_tokens:
-        reason = "max_new_tokens"
-    elif params.stop_at_eos and len(ids) < params.max_new_tokens and not _context_full(model, prompt, ids):
-        reason = "eos"
-    else:
-        reason = "context"
-    text = tracker.text if tracker.ids else ""
-    return GenerationResult(prompt=prompt, text=text, token_ids=ids, stopped_by=reason)
-
-
-def _context_full(model, prompt, ids):
-    K = model.chunk_size
-    prompt_positions = -(-len(model.tokenizer.encode(prompt)) // K)
-    return prompt_positions + -(-len(ids) // K) >= model.max_context
 
 
 def stream(model, prompt, params: GeneratorParams = None):
     """Yield the continuation of one prompt as text pieces, as each step's tokens arrive."""
     params = params or GeneratorParams()
     _, encoded = _encode_prompts(model, [prompt])
-    tracker = _TextTracker(model.tokenizer, params.stop_sequences)
-    pieces = []
-
-    def on_step(row, new_ids):
-        pieces.append(tracker.add(new_ids))
-        return not tracker.stopped
-
-    for _ in iterate_steps(model.new_state(), encoded, params, on_step=on_step):
-        yield from (piece for piece in pieces if piece)
-        pieces.clear()
+    generator = Generator(model, encoded, params)
+    trackers = [_TextTracker(model.tokenizer, params.stop_sequences)]
+    yield from (piece for _, piece in _pieces(generator, trackers) if piece)

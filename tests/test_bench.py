@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from calm_edge.bench import harness, stats, worker
 from calm_edge.bench.matrix import Cell, build_matrix
-from calm_edge.bench.runners import Trace
+from calm_edge.runtime.timing import Trace
 from calm_edge.cli import main
 from calm_edge.errors import CalmEdgeError
 

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from calm_edge.brierlm import BrierAccumulator, brier_from_probs, brier_from_samples, brierlm, paired_difference
+from calm_edge.evaluation.brierlm import BrierAccumulator, brier_from_probs, brier_from_samples, brierlm, paired_difference
 
 # A toy model that predicts every token i.i.d. from p, scored on data drawn i.i.d. from q.
 # Its Brier-n has a closed form: E[2 P(y_1..n)] - sum_x P(x_1..n)^2 = 2 (q.p)^n - (p.p)^n.

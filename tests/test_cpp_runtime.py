@@ -67,7 +67,7 @@ def test_cpp_prints_the_tokens_of_the_python_runtime(cpp_build, packages, kind, 
     model = Model(packages[kind], threads=1)
     params = GeneratorParams(max_new_tokens=64, temperature=temperature, seed=11, stop_at_eos=False)
     for prompt in PROMPTS:
-        expected = generate_tokens(model.new_state(), [model.tokenizer.encode(prompt)], params)[0]
+        expected = generate_tokens(model, [model.tokenizer.encode(prompt)], params)[0]
         assert len(expected) == 64
         assert cpp_token_ids(packages[kind], prompt, temperature) == expected, prompt
 
@@ -77,14 +77,14 @@ def test_cpp_runs_a_fused_attention_package(cpp_build, fused_packages, kind):
     """The contrib nodes of `export --fused-attention` (GroupQueryAttention, RotaryEmbedding) in C++."""
     model = Model(fused_packages[kind], threads=1)
     params = GeneratorParams(max_new_tokens=64, temperature=0.5, seed=11, stop_at_eos=False)
-    expected = generate_tokens(model.new_state(), [model.tokenizer.encode(PROMPTS[0])], params)[0]
+    expected = generate_tokens(model, [model.tokenizer.encode(PROMPTS[0])], params)[0]
     assert cpp_token_ids(fused_packages[kind], PROMPTS[0], 0.5) == expected
 
 
 def test_cpp_exact_sampler_matches_python(cpp_build, packages):
     model = Model(packages["calm"], threads=1)
     params = GeneratorParams(max_new_tokens=64, temperature=0.5, method="exact", seed=11, stop_at_eos=False)
-    expected = generate_tokens(model.new_state(), [model.tokenizer.encode(PROMPTS[1])], params)[0]
+    expected = generate_tokens(model, [model.tokenizer.encode(PROMPTS[1])], params)[0]
     assert cpp_token_ids(packages["calm"], PROMPTS[1], 0.5, method="exact") == expected
 
 
@@ -94,7 +94,7 @@ def test_a_cpp_batch_matches_a_python_batch(cpp_build, packages, kind):
     prompts = ["In the beginning", "And the LORD spake unto Moses, saying, Speak", "Behold"]
     model = Model(packages[kind], threads=1)
     params = GeneratorParams(max_new_tokens=40, temperature=0.5, seed=5)
-    expected = generate_tokens(model.new_state(), [model.tokenizer.encode(p) for p in prompts], params)
+    expected = generate_tokens(model, [model.tokenizer.encode(p) for p in prompts], params)
     done = subprocess.run([str(cpp_build / "batch_token_ids"), str(packages[kind]), "5", "0.5", "batch", "40", "1",
                            *prompts], capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr

@@ -8,9 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from calm_edge.cli import main
-from calm_edge.data import (
-    TokenShards, WindowLoader, expand_sources, is_valid_document, iter_documents, prepare_shards, token_dtype,
-)
+from calm_edge.corpus import expand_sources, is_valid_document, iter_documents
+from calm_edge.data import TokenShards, WindowLoader, prepare_shards, token_dtype
 from calm_edge.demo_corpus import SOURCE_NAME, iter_bible_chapters
 from calm_edge.errors import CalmEdgeError, DataError
 from calm_edge.tokenizer import Tokenizer

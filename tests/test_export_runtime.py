@@ -7,7 +7,7 @@ import pytest
 
 from calm_edge.errors import CalmEdgeError
 from calm_edge.export.exporter import export_package
-from calm_edge.generate import GenerationSettings, generate as reference_generate
+from calm_edge.export.reference import generate as reference_generate
 from calm_edge.runtime import package
 from calm_edge.runtime.generator import GeneratorParams, generate_tokens
 from calm_edge.runtime.model import Model, available_providers, session_providers, tensorrt_options
@@ -50,8 +50,8 @@ def test_runtime_equals_the_pytorch_reference_token_for_token(packages, trained_
     model, _ = load_language_model(trained_runs[kind])
     runtime = Model(packages[kind])
     prompts = [runtime.tokenizer.encode(t) for t in ("In the beginning", "And he said unto them,", "The")]
-    settings = GenerationSettings(max_new_tokens=64, temperature=temperature, seed=11, stop_at_eos=False)
-    assert generate_tokens(runtime.new_state(), prompts, settings) == reference_generate(model, prompts, settings)
+    settings = GeneratorParams(max_new_tokens=64, temperature=temperature, seed=11, stop_at_eos=False)
+    assert generate_tokens(runtime, prompts, settings) == reference_generate(model, prompts, settings)
 
 
 def test_batched_equals_one_by_one_and_streaming_equals_whole(packages):
@@ -157,7 +157,7 @@ def test_unavailable_provider_lists_the_available_ones(packages):
 
 
 def test_tensorrt_options_cover_the_dynamic_axes(packages):
-    manifest = package.read_manifest(packages["calm"])
+    manifest = package.Manifest.read(packages["calm"])
     options = tensorrt_options(manifest, "/tmp/engines", max_batch=16)
     backbone = options["backbone"]
     assert backbone["trt_fp16_enable"] and backbone["trt_engine_cache_enable"]

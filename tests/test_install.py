@@ -11,7 +11,7 @@ def test_runtime_imports_without_torch():
     # sys.modules["torch"] = None makes every `import torch` fail, as on a device without it.
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import calm_edge.runtime, calm_edge.data, calm_edge.tokenizer, calm_edge.config, calm_edge.cli, calm_edge.brierlm\n"
+        "import calm_edge.runtime, calm_edge.data, calm_edge.tokenizer, calm_edge.config, calm_edge.cli, calm_edge.evaluation.brierlm\n"
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
         "print('ok')\n"
     )

@@ -5,8 +5,11 @@ import pytest
 
 from conftest import tiny_lm_config
 from calm_edge.errors import CalmEdgeError, ConfigError
-from calm_edge.evaluate import eval_positions, evaluate_brierlm, evaluate_checkpoint
-from calm_edge.generate import GenerationSettings, fill_to_chunks, generate
+from calm_edge.evaluation.language_model import evaluate_brierlm, evaluate_checkpoint
+from calm_edge.evaluation.settings import EvalSettings, eval_positions
+from calm_edge.export.reference import generate
+from calm_edge.runtime.generator import GeneratorParams, fill_to_chunks
+from calm_edge.text_source import TextSource
 from calm_edge.training.language_models import load_language_model, train_calm
 
 @pytest.fixture(scope="module")
@@ -41,14 +44,14 @@ def test_generation_is_deterministic_per_seed_and_batch_independent(runs, kind):
     model, _ = load_language_model(runs["root"] / kind)
     prompts = [[10, 20, 30, 40, 50], [60, 70], list(range(100, 120))]
     for temperature in (1.0, 0.5):
-        settings = GenerationSettings(max_new_tokens=24, temperature=temperature, seed=7, stop_at_eos=False)
+        settings = GeneratorParams(max_new_tokens=24, temperature=temperature, seed=7, stop_at_eos=False)
         first = generate(model, prompts, settings)
         assert first == generate(model, prompts, settings)
         assert all(len(out) == 24 for out in first)
-        other = generate(model, prompts, GenerationSettings(max_new_tokens=24, temperature=temperature, seed=8,
+        other = generate(model, prompts, GeneratorParams(max_new_tokens=24, temperature=temperature, seed=8,
                                                             stop_at_eos=False))
         assert other != first
-        one_by_one = [generate(model, [p], GenerationSettings(max_new_tokens=24, temperature=temperature, seed=7,
+        one_by_one = [generate(model, [p], GeneratorParams(max_new_tokens=24, temperature=temperature, seed=7,
                                                               stop_at_eos=False, streams=[i]))[0]
                       for i, p in enumerate(prompts)]
         assert one_by_one == first
@@ -56,7 +59,7 @@ def test_generation_is_deterministic_per_seed_and_batch_independent(runs, kind):
 
 def test_calm_exact_sampler_generates_too(runs):
     model, _ = load_language_model(runs["root"] / "calm")
-    settings = GenerationSettings(max_new_tokens=12, temperature=0.5, method="exact", seed=1, stop_at_eos=False)
+    settings = GeneratorParams(max_new_tokens=12, temperature=0.5, method="exact", seed=1, stop_at_eos=False)
     assert all(len(out) == 12 for out in generate(model, [[5, 6, 7]], settings))
 
 
@@ -68,11 +71,11 @@ def test_partial_chunks_are_left_filled_with_eos():
 def test_bad_generation_input_fails_before_any_work(runs):
     calm, _ = load_language_model(runs["root"] / "calm")
     with pytest.raises(CalmEdgeError, match="0.7 is not 1/n"):
-        generate(calm, [[5]], GenerationSettings(temperature=0.7))
+        generate(calm, [[5]], GeneratorParams(temperature=0.7))
     with pytest.raises(CalmEdgeError, match="prompt 0 takes 65 chunks of K tokens but the model.s context holds 64"):
-        generate(calm, [[5] * 260], GenerationSettings())
+        generate(calm, [[5] * 260], GeneratorParams())
     with pytest.raises(CalmEdgeError, match="prompt 1 is empty"):
-        generate(calm, [[5], []], GenerationSettings())
+        generate(calm, [[5], []], GeneratorParams())
 
 
 def test_autoencoder_that_does_not_fit_is_refused_before_training(runs, tmp_path):
@@ -86,8 +89,8 @@ def test_autoencoder_that_does_not_fit_is_refused_before_training(runs, tmp_path
 
 def test_brierlm_evaluation_of_both_kinds_at_shifted_offsets(runs, corpus_jsonl):
     for kind in ("calm", "ar"):
-        report = evaluate_checkpoint(runs["root"] / kind, [corpus_jsonl], context=32, stride=16, max_positions=64,
-                                     offsets=(0, 1, 3), progress=False)
+        report = evaluate_checkpoint(runs["root"] / kind, TextSource((corpus_jsonl,)),
+                                     EvalSettings(context=32, stride=16, max_positions=64, offsets=(0, 1, 3)), progress=False)
         assert report["kind"] == kind and set(report["by_offset"]) == {"0", "1", "3"}
         for offset in report["by_offset"].values():
             assert offset["positions"]["4"] == 64

@@ -8,13 +8,15 @@ from click.testing import CliRunner
 
 from calm_edge.cli import main
 from calm_edge.errors import CalmEdgeError
-from calm_edge.evaluate import evaluate_checkpoint, evaluate_package
+from calm_edge.evaluation.language_model import evaluate_checkpoint, evaluate_package
+from calm_edge.evaluation.settings import EvalSettings
 from calm_edge.export.quantize import quantize_package
 from calm_edge.export.quantizers import MODES
 from calm_edge.runtime import package
 from calm_edge.runtime.generator import GeneratorParams
 from calm_edge.runtime.model import Model
 from calm_edge.runtime.text_generation import generate
+from calm_edge.text_source import TextSource
 
 # Few positions keep the tests fast; the estimator's error at this size is stated where used.
 POSITIONS = dict(context=32, stride=16, max_positions=64)
@@ -135,9 +137,9 @@ def test_brierlm_through_the_package_agrees_with_pytorch(packages, trained_runs,
     to lie within that error, at least 95% of the sampled continuations to be identical, and each
     Brier-n to differ by no more than the non-identical positions can explain (2/64 each)."""
     drawn_runtime, drawn_reference = [], []
-    runtime = evaluate_package(Model(packages[kind]), [corpus_jsonl], progress=False, samples=drawn_runtime, **POSITIONS)
-    reference = evaluate_checkpoint(trained_runs[kind], [corpus_jsonl], progress=False, samples=drawn_reference,
-                                    **POSITIONS)
+    text, settings = TextSource((corpus_jsonl,)), EvalSettings(**POSITIONS)
+    runtime = evaluate_package(Model(packages[kind]), text, settings, progress=False, samples=drawn_runtime)
+    reference = evaluate_checkpoint(trained_runs[kind], text, settings, progress=False, samples=drawn_reference)
     assert runtime["positions"] == reference["positions"]
     positions = runtime["by_offset"]["0"]["positions"]["1"]
     assert positions == POSITIONS["max_positions"] == len(drawn_runtime) == len(drawn_reference)
@@ -150,7 +152,7 @@ def test_brierlm_through_the_package_agrees_with_pytorch(packages, trained_runs,
 
 
 def test_eval_package_command_with_reconstruction(packages, quantized, trained_runs, corpus_jsonl, tmp_path):
-    from calm_edge.training.autoencoder_eval import evaluate_autoencoder
+    from calm_edge.evaluation.autoencoder import evaluate_autoencoder
 
     runner = CliRunner()
     out = tmp_path / "calm.json"
@@ -161,7 +163,7 @@ def test_eval_package_command_with_reconstruction(packages, quantized, trained_r
     report = json.loads(out.read_text())
     assert report["kind"] == "calm" and report["quantization"] == "fp32" and "BrierLM" in result.stdout
     # The fp32 decoder graph reconstructs what the PyTorch decoder does.
-    torch_ae = evaluate_autoencoder(trained_runs["ae"], [corpus_jsonl], max_tokens=4000, noise_scales=())
+    torch_ae = evaluate_autoencoder(trained_runs["ae"], TextSource((corpus_jsonl,)), max_tokens=4000, noise_scales=())
     assert report["reconstruction"]["token_accuracy"] == pytest.approx(torch_ae["token_accuracy"], abs=1e-3)
     assert report["reconstruction"]["tokens_evaluated"] == torch_ae["tokens_evaluated"]
 

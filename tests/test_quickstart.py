@@ -11,8 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from calm_edge.cli import main
-from calm_edge.quickstart import QuickstartSettings, run_quickstart
-from calm_edge.quickstart_report import format_table
+from calm_edge.quickstart import QuickstartSettings, format_table, run_quickstart
 from calm_edge.training.trainer import Trainer
 
 QUICK_SETS = ["tokenizer.vocab_size=512", "calm.backbone.max_positions=64", "ar.backbone.max_positions=128"] + [

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from calm_edge.stages import TIMINGS_FILE, Stage, run_stages
+from calm_edge.quickstart.stages import TIMINGS_FILE, Stage, run_stages
 
 
 def make_stage(name, calls, marker_content=None, **kwargs):

@@ -8,5 +8,5 @@
     worker.py   runs one runner over the matrix in its own process (clean memory figures, and a
                 peer that crashes or cannot be imported cannot take the others down)
     harness.py  drives the workers with a progress bar and assembles the report
-    output.py   JSON, CSV, PNG plots, and the README's performance block
+    output.py   JSON, CSV and PNG plots (the README's performance block: benchmarks/report.py)
 """

@@ -24,20 +24,22 @@ from pathlib import Path
 import numpy as np
 
 from calm_edge import weights_read
-from calm_edge.bench import stats
+from calm_edge.bench import output, stats
 from calm_edge.bench.matrix import build_matrix
 from calm_edge.bench.prompts import prompt_batches
 from calm_edge.bench.runners import PEERS
 from calm_edge.config import Config
 from calm_edge.errors import CalmEdgeError
-from calm_edge.runtime.model import DEFAULT_SPINNING
+from calm_edge.runtime.model import DEFAULT_SPINNING, available_providers
+from calm_edge.runtime.package import Manifest
+from calm_edge.tokenizer import Tokenizer
 
 PEER_NAMES = {"optimum": "optimum", "ort-genai": "onnxruntime-genai"}
 
 
 def _package_config(manifest):
     """The Config a package was exported from (its provenance), or None for a package without one."""
-    data = manifest.get("provenance", {}).get("config")
+    data = manifest.training_config
     try:
         return Config.from_dict(data) if data else None
     except CalmEdgeError:
@@ -77,9 +79,6 @@ def check_inputs(packages, peers, hf_dirs):
     to 128,256 ids with pieces that are never produced), but they must encode text to the same
     ids, so that every runner gets the very same prompts.
     """
-    from calm_edge.runtime import package
-    from calm_edge.tokenizer import Tokenizer
-
     if not packages and not peers:
         raise CalmEdgeError("nothing to measure: pass --package PKG (repeatable) and/or --peer optimum / --peer ort-genai")
     for peer in peers:
@@ -92,8 +91,8 @@ def check_inputs(packages, peers, hf_dirs):
         if not (Path(hf) / "config.json").is_file() or not (Path(hf) / "tokenizer.model").is_file():
             raise CalmEdgeError(f"--hf {hf} is not a Hugging Face folder written by `calm-edge export --format hf` "
                                 "(it needs config.json and tokenizer.model); export it again")
-    manifests = {str(Path(p).resolve()): package.read_manifest(p) for p in packages}
-    tokenizers = [Path(p) / m["tokenizer"]["file"] for p, m in manifests.items()]
+    manifests = {str(Path(p).resolve()): Manifest.read(p) for p in packages}
+    tokenizers = [m.tokenizer_path for m in manifests.values()]
     tokenizers += [Path(hf) / "tokenizer.model" for hf in hf_dirs]
     encodings = {str(t): Tokenizer(t).encode(AGREEMENT_TEXT) for t in tokenizers}
     if len({tuple(ids) for ids in encodings.values()}) > 1:
@@ -139,17 +138,12 @@ def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-wo
               seed=0, candidates=16, text=None, matrix_options=None, provider="cpu", progress=True,
               log=lambda message: None, spinning=None, rounds=1):
     """Measure, write the JSON report (and CSV, plots) and return it."""
-    from calm_edge.bench import output
-    from calm_edge.tokenizer import Tokenizer
-
     packages, peers = [Path(p) for p in packages], list(peers)
     hf_dirs = [hf] if isinstance(hf, (str, Path)) else list(hf or ())
     if repeats < 1 or warmup < 0 or rounds < 1:
         raise CalmEdgeError(f"--repeats {repeats} / --warmup {warmup} / --rounds {rounds}: need at least 1 repeat, "
                             "0 or more warm-up runs and at least 1 round")
     if provider != "cpu":
-        from calm_edge.runtime.model import available_providers
-
         if provider not in available_providers():  # before any worker starts, with the fix
             raise CalmEdgeError(f"--provider {provider}: this onnxruntime offers {', '.join(available_providers())}; "
                                 "install onnxruntime-gpu in place of onnxruntime (README.md, GPU machines)")
@@ -226,11 +220,11 @@ def _assemble_runner(spec, records, failure, manifests, several_hf):
     info = dict(head.get("runner", {}))
     if spec["type"] == "package":
         manifest = manifests[spec["path"]]  # both keyed by the resolved path
-        kind = manifest["kind"]
+        kind = manifest.kind
         config = _package_config(manifest)
         name = f"calm-edge {kind} ({Path(spec['path']).name})"
         info.setdefault("kind", kind)
-        info["random_weights"] = bool(manifest.get("provenance", {}).get("random_weights"))
+        info["random_weights"] = manifest.random_weights
         size_of = spec["path"]
     else:
         kind, config, name = "ar", _hf_config(spec["hf"]), PEER_NAMES[spec["type"]]

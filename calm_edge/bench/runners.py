@@ -1,7 +1,7 @@
 """The runners: one way each to generate from the same prompt ids, timed the same way.
 
-Every runner returns a `Trace` per generation: time to the first new tokens, the prompt's forward
-pass (prefill), then the wall time of every later step. A step is whatever the runner emits at
+Every runner returns a `calm_edge.runtime.timing.Trace` per generation: time to the first new
+tokens, the prompt's forward pass (prefill), then the wall time of every later step. A step is whatever the runner emits at
 once: K tokens per sequence for CALM, one for the token-by-token runners. Where the runner
 exposes its graph calls, the decode-phase seconds per graph come too, and what remains of a step
 is the loop's own overhead (sampling, bookkeeping, Python).
@@ -22,26 +22,16 @@ import math
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from calm_edge.errors import CalmEdgeError
-
-
-@dataclass
-class Trace:
-    """The timings of one generation of a batch (seconds)."""
-
-    total_s: float
-    ttft_s: float  # from the call to the first new tokens
-    prefill_s: float  # the prompt's forward pass alone
-    step_s: list  # each step after the first new tokens
-    tokens_per_step: int  # new tokens per sequence per step
-    new_tokens: int  # per sequence
-    graphs_s: dict = field(default_factory=dict)  # decode-phase seconds per graph
+from calm_edge.runtime.generator import Generator, GeneratorParams
+from calm_edge.runtime.model import DEFAULT_SPINNING, Model, spinning_entries
+from calm_edge.runtime.package import Manifest
+from calm_edge.runtime.timing import Trace
 
 
 class PeerUnavailable(Exception):
@@ -68,51 +58,32 @@ class PackageRunner:
     """A calm-edge model package, CALM or AR, on one execution provider (cpu by default)."""
 
     def __init__(self, path, candidates=16, provider="cpu"):
-        from calm_edge.runtime import package
-
         self.path, self.provider = Path(path), provider
-        self.manifest = package.read_manifest(self.path)
-        self.kind = self.manifest["kind"]
+        self.manifest = Manifest.read(self.path)
+        self.kind = self.manifest.kind
         self.name = f"calm-edge {self.kind} ({self.path.name})"
         self.candidates = candidates
         self.model = None
 
     def describe(self):
-        model = self.manifest["model"]
+        m = self.manifest
         return {"runner": "calm-edge", "kind": self.kind, "package": str(self.path), "provider": self.provider,
-                "chunk_size": model["chunk_size"], "max_context_tokens": model["max_context"] * model["chunk_size"],
-                "quantization": self.manifest["quantization"]["mode"],
-                "versions": version_of("calm-edge", "onnxruntime")}
+                "chunk_size": m.chunk_size, "max_context_tokens": m.max_context * m.chunk_size,
+                "quantization": m.quantization_mode, "versions": version_of("calm-edge", "onnxruntime")}
 
     def fits(self, cell):
-        model = self.manifest["model"]
-        return fits_context(cell.prompt_tokens, cell.new_tokens, model["max_context"], model["chunk_size"])
+        return fits_context(cell.prompt_tokens, cell.new_tokens, self.manifest.max_context, self.manifest.chunk_size)
 
     def load(self, threads, spinning=None):  # spinning: a policy of runtime.model.SPINNING, None for the default
-        from calm_edge.runtime.model import DEFAULT_SPINNING, Model
-
         self.model = Model(self.path, provider=self.provider, threads=threads, spinning=spinning or DEFAULT_SPINNING)
 
     def generate(self, prompts, new_tokens, temperature, seed):
-        from calm_edge.runtime.generator import GeneratorParams, iterate_steps
-
         params = GeneratorParams(max_new_tokens=new_tokens, temperature=temperature, seed=seed,
                                  candidates=self.candidates, stop_at_eos=False)
-        state = self.model.new_state()
-        step_graph = self.model._step_name
-        marks, produced, prefill = [], 0, 0.0
-        began = time.perf_counter()
-        for new_ids in iterate_steps(state, prompts, params):
-            marks.append(time.perf_counter())
-            if len(marks) == 1:
-                # The prefill's graph call is the step graph's only call so far.
-                prefill = state.timings[step_graph]
-                at_first = dict(state.timings)
-            produced += len(new_ids[0])
-        graphs = {name: seconds - at_first[name] for name, seconds in state.timings.items()}
-        return Trace(total_s=marks[-1] - began, ttft_s=marks[0] - began, prefill_s=prefill,
-                     step_s=np.diff(marks).tolist(), tokens_per_step=self.model.chunk_size, new_tokens=produced,
-                     graphs_s=graphs)
+        generator = Generator(self.model, prompts, params)
+        for _ in generator:
+            pass
+        return generator.trace()
 
 
 class HuggingFacePeer:
@@ -182,8 +153,6 @@ class OptimumRunner(HuggingFacePeer):
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         if spinning is not None:  # else ONNX Runtime's default (spinning)
-            from calm_edge.runtime.model import spinning_entries
-
             for key, value in spinning_entries(spinning).items():
                 options.add_session_config_entry(key, value)
         self.model = ORTModelForCausalLM.from_pretrained(str(self.onnx_dir), session_options=options,
@@ -275,8 +244,6 @@ class GenaiRunner(HuggingFacePeer):
             config.append_provider("cuda")
         session_options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
         if spinning is not None:  # else onnxruntime-genai's default (ONNX Runtime's: spinning)
-            from calm_edge.runtime.model import spinning_entries
-
             session_options["config_entries"] = dict(spinning_entries(spinning))
         config.overlay(json.dumps({"model": {"decoder": {"session_options": session_options}}}))
         self.model = og.Model(config)

@@ -21,27 +21,21 @@ import numpy as np
 from calm_edge.bench import stats
 from calm_edge.bench.matrix import Cell
 from calm_edge.bench.runners import PeerUnavailable, make_runner
+from calm_edge.runtime import timing
 
 # Per-step samples are kept for the latency-distribution plot at batch 1 only, to keep the JSON small.
 SAMPLE_BATCH = 1
 
 
 def summarize_cell(cell, traces):
-    """The figures of one cell from its timed repeats."""
+    """The figures of one cell from its timed repeats (definitions: calm_edge.runtime.timing)."""
     K = traces[0].tokens_per_step
     steps = [s for t in traces for s in t.step_s]
-    decode_rates, total_rates = [], []
-    for t in traces:
-        decode_tokens = cell.batch * (t.new_tokens - K)  # tokens after the first step's
-        decode_rates.append(decode_tokens / sum(t.step_s) if t.step_s else float("nan"))
-        total_rates.append(cell.batch * t.new_tokens / t.total_s)
+    decode_rates = [timing.decode_tokens_per_second(t, cell.batch) for t in traces]
+    total_rates = [timing.end_to_end_tokens_per_second(t, cell.batch) for t in traces]
     # The per-graph split: mean ms per decode step over all repeats, so the parts add up to the
     # mean step (step_ms.mean); what the graphs do not account for is the loop's own overhead.
-    n_steps = max(len(steps), 1)
-    graph_names = traces[0].graphs_s
-    split = {name: round(1e3 * sum(t.graphs_s[name] for t in traces) / n_steps, 4) for name in graph_names}
-    if split:
-        split["loop_overhead"] = round(1e3 * sum(steps) / n_steps - sum(split.values()), 4)
+    split = {name: round(ms, 4) for name, ms in timing.step_split_ms(traces).items()}
     result = {
         "new_tokens_per_sequence": traces[0].new_tokens,
         "tokens_per_step": K,

@@ -1,6 +1,6 @@
 """`calm-edge eval package`: the quality of a model package as deployed, through its ONNX graphs.
 
-- BrierLM (Brier-1..4) for CALM and AR packages: `calm_edge.evaluate.evaluate_package`, the
+- BrierLM (Brier-1..4) for CALM and AR packages: `language_model.evaluate_package`, the
   same positions, streams and estimator as `eval brierlm` on the PyTorch checkpoint, with the
   runtime's `Model` in place of the PyTorch modules.
 - CALM only, token reconstruction through the package's decoder graph. A package deploys no
@@ -16,55 +16,55 @@ import time
 from pathlib import Path
 
 from calm_edge.errors import CalmEdgeError
+from calm_edge.evaluation.language_model import evaluate_package
+from calm_edge.evaluation.settings import EvalSettings
+from calm_edge.runtime.model import Model
+from calm_edge.tokenizer import Tokenizer
 
 
 def default_autoencoder(manifest):
     """The autoencoder checkpoint recorded in the package's provenance, if it is on this machine."""
-    recorded = (manifest.get("provenance") or {}).get("autoencoder", {}).get("checkpoint")
+    recorded = manifest.provenance.get("autoencoder", {}).get("checkpoint")
     return recorded if recorded and Path(recorded).is_dir() else None
 
 
-def reconstruction(model, autoencoder, sources, text_field="text", detokenize="none", max_tokens=None,
-                   progress=False):
+def reconstruction(model, autoencoder, text, max_tokens=None, progress=False):
     """Token and chunk accuracy of the package's decoder on the posterior means of `autoencoder`."""
-    from calm_edge.tokenizer import Tokenizer
+    from calm_edge.evaluation.autoencoder import evaluate_autoencoder  # torch: only reconstruction needs it
     from calm_edge.training.autoencoder import load_autoencoder
-    from calm_edge.training.autoencoder_eval import evaluate_autoencoder
 
     ae, saved = load_autoencoder(autoencoder)
     if Tokenizer(saved.tokenizer_path).sha256() != model.tokenizer.sha256():
         raise CalmEdgeError(f"the autoencoder in {saved.folder} has another tokenizer than the package {model.path}; "
                             "pass the autoencoder the CALM model was trained with (--autoencoder)")
-    section = model.manifest["model"]
-    if (ae.chunk_size, ae.latent_size) != (section["chunk_size"], section["latent_size"]):
+    manifest = model.manifest
+    if (ae.chunk_size, ae.latent_size) != (manifest.chunk_size, manifest.latent_size):
         raise CalmEdgeError(f"the autoencoder in {saved.folder} has K={ae.chunk_size}, latent {ae.latent_size}; the "
-                            f"package has K={section['chunk_size']}, latent {section['latent_size']}; pass the "
+                            f"package has K={manifest.chunk_size}, latent {manifest.latent_size}; pass the "
                             "autoencoder the CALM model was trained with (--autoencoder)")
-    report = evaluate_autoencoder(autoencoder, sources, text_field=text_field, detokenize=detokenize,
-                                  max_tokens=max_tokens, noise_scales=(), progress=progress, decode=model.decode)
+    report = evaluate_autoencoder(autoencoder, text, max_tokens=max_tokens, noise_scales=(), progress=progress,
+                                  decode=model.decode)
     return {"autoencoder": report["checkpoint"], "tokens_evaluated": report["tokens_evaluated"],
             "token_accuracy": report["token_accuracy"], "chunk_accuracy": report["chunk_accuracy"],
             "latents": "the autoencoder checkpoint's posterior means, decoded by the package's decoder graph"}
 
 
-def evaluate_model_package(path, sources, autoencoder=None, context=256, stride=32, max_positions=2000, seed=0,
-                           text_field="text", detokenize="none", reconstruction_tokens=None, threads=None,
-                           progress=True, samples=None):
-    """The report of `calm-edge eval package` for the package at `path` (`samples`: see `evaluate_brierlm`)."""
-    from calm_edge.evaluate import evaluate_package
-    from calm_edge.runtime.model import Model
+def evaluate_model_package(path, text, settings=EvalSettings(), autoencoder=None, reconstruction_tokens=None,
+                           threads=None, progress=True, samples=None):
+    """The report of `calm-edge eval package` for the package at `path` on `text` (a TextSource).
 
+    `samples`: see `language_model.evaluate_brierlm`.
+    """
     started = time.perf_counter()
     model = Model(path, threads=threads)
     manifest = model.manifest
     report = {
         "package": str(path),
         "kind": model.kind,
-        "quantization": manifest["quantization"]["mode"],
-        "graph_modes": manifest["quantization"]["graphs"],
-        "graph_bytes": {name: g["bytes"] for name, g in manifest["graphs"].items()},
-        **evaluate_package(model, sources, context=context, stride=stride, max_positions=max_positions, seed=seed,
-                           text_field=text_field, detokenize=detokenize, progress=progress, samples=samples),
+        "quantization": manifest.quantization_mode,
+        "graph_modes": manifest.graph_modes,
+        "graph_bytes": {name: g.bytes for name, g in manifest.graphs.items()},
+        **evaluate_package(model, text, settings, progress=progress, samples=samples),
     }
     if model.kind == "calm":
         autoencoder = autoencoder or default_autoencoder(manifest)
@@ -72,8 +72,7 @@ def evaluate_model_package(path, sources, autoencoder=None, context=256, stride=
             report["reconstruction"] = {"skipped": "no autoencoder checkpoint: the package has no encoder; "
                                                    "pass --autoencoder RUN to measure reconstruction"}
         else:
-            report["reconstruction"] = reconstruction(model, autoencoder, sources, text_field=text_field,
-                                                      detokenize=detokenize, max_tokens=reconstruction_tokens,
+            report["reconstruction"] = reconstruction(model, autoencoder, text, max_tokens=reconstruction_tokens,
                                                       progress=progress)
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report

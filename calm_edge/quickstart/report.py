@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from calm_edge.fileio import write_bytes_atomic, write_json_atomic
-from calm_edge.stages import TIMINGS_FILE
+from calm_edge.quickstart.stages import TIMINGS_FILE
 
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "summary.png"
@@ -42,10 +42,8 @@ def collect(run, results):
     benchmark = _read(out / "benchmark.json") or {}
     samples = (_read(out / "samples.json") or {}).get("samples", {})
     timings = _read(out / TIMINGS_FILE) or {}
-    from calm_edge.quickstart import package_names
-
     packages = {}
-    for name in package_names(run):
+    for name in run.package_names:
         manifest = _read(out / "packages" / name / "manifest.json")
         if manifest is None:
             continue

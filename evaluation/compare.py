@@ -2,23 +2,63 @@
 
 For every package: its quantization mode (and per graph), graph sizes, BrierLM, CALM's token
 reconstruction through its decoder graph, and decode tokens/s at batch 1 on the CPU. Each figure
-is also given relative to the fp32 package of the same kind measured in the same run (speeds
-round-robin, see `calm_edge.decode_speed`), so a table made on a busy or a different machine
-still compares like with like. A PNG plots relative quality against decode speed-up.
+is also given relative to the fp32 package of the same kind measured in the same run, so a table
+made on a busy or a different machine still compares like with like. Speeds are measured
+round-robin (`measure_round_robin`): a load change on the machine hits every package alike
+rather than one. Decode tokens/s is `calm_edge.runtime.timing`'s: the tokens after the first
+step over their time, at T = 1 without stopping at eos, so every package generates the same
+number of tokens. A PNG plots relative quality against decode speed-up.
 
 Quality is also compared position by position (`paired_with_fp32`): every package draws with the
 same seed and random streams, so a quantized package's Brier-n minus its fp32 package's has a
-much smaller error than the two means apart (`calm_edge.brierlm.paired_difference`). It is what
+much smaller error than the two means apart (`brierlm.paired_difference`). It is what
 judges a small quality change, and the only judge when the fp32 BrierLM is 0 (a model too weak
 for a positive Brier-4) and a relative BrierLM does not exist.
 """
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
-from calm_edge.brierlm import paired_difference
+import onnxruntime
+
 from calm_edge.errors import CalmEdgeError
+from calm_edge.evaluation.brierlm import paired_difference
+from calm_edge.evaluation.package import evaluate_model_package
+from calm_edge.evaluation.settings import EvalSettings
+from calm_edge.fileio import sha256_of
+from calm_edge.runtime.generator import GeneratorParams
+from calm_edge.runtime.model import Model
+from calm_edge.runtime.package import MANIFEST_FILE
+from calm_edge.runtime.profiling import trace_generation
+from calm_edge.runtime.timing import decode_tokens_per_second
+
+SPEED_PROMPT = "The history of the city begins in the early years of the century, when"
+
+
+def decode_rate(model, new_tokens=128, seed=0, prompt=SPEED_PROMPT):
+    """(decode tokens/s, tokens timed) of one batch-1 generation of about `new_tokens` tokens."""
+    ids = model.tokenizer.encode(prompt)
+    K = model.chunk_size
+    room = (model.max_context - 1 - -(-len(ids) // K)) * K  # positions left after the prompt, in tokens
+    params = GeneratorParams(max_new_tokens=max(2 * K, min(new_tokens, room)), seed=seed, stop_at_eos=False)
+    _, trace = trace_generation(model, [ids], params)
+    return decode_tokens_per_second(trace), trace.new_tokens - trace.tokens_per_step
+
+
+def measure_round_robin(models, new_tokens=128, repeats=5, seed=0):
+    """{name: {"tokens_per_second" (median), "runs": [...], "tokens"}} for {name: runtime Model}."""
+    for model in models.values():
+        decode_rate(model, new_tokens=2 * model.chunk_size, seed=seed)  # warm-up: allocations, thread pools
+    runs = {name: [] for name in models}
+    tokens = {}
+    for _ in range(repeats):
+        for name, model in models.items():
+            rate, tokens[name] = decode_rate(model, new_tokens=new_tokens, seed=seed)
+            runs[name].append(rate)
+    return {name: {"tokens_per_second": statistics.median(rates), "runs": [round(r, 2) for r in rates],
+                   "tokens": tokens[name]} for name, rates in runs.items()}
 
 
 def _label(report):
@@ -34,13 +74,9 @@ def _relative(value, reference):
     return value / reference
 
 
-def compare_packages(paths, sources, autoencoder=None, threads=None, speed_tokens=128, speed_repeats=5, seed=0,
-                     progress=True, **eval_options):
-    """The comparison report of the packages at `paths` (each kind needs its fp32 package among them)."""
-    from calm_edge.decode_speed import measure_round_robin
-    from calm_edge.package_eval import evaluate_model_package
-    from calm_edge.runtime.model import Model
-
+def compare_packages(paths, text, settings=EvalSettings(), autoencoder=None, reconstruction_tokens=None, threads=None,
+                     speed_tokens=128, speed_repeats=5, progress=True):
+    """The comparison report of the packages at `paths` on `text` (a TextSource); each kind needs its fp32 package."""
     if len(set(map(str, paths))) != len(paths):
         raise CalmEdgeError("a package is named twice; list each package once")
     started = time.perf_counter()
@@ -48,7 +84,7 @@ def compare_packages(paths, sources, autoencoder=None, threads=None, speed_token
     kinds = {name: model.kind for name, model in models.items()}
     references = {}
     for name, model in models.items():
-        if model.manifest["quantization"]["mode"] == "fp32":
+        if model.manifest.quantization_mode == "fp32":
             if model.kind in references:
                 raise CalmEdgeError(f"two fp32 {model.kind} packages ({references[model.kind]}, {name}); compare one model's packages")
             references[model.kind] = name
@@ -58,13 +94,13 @@ def compare_packages(paths, sources, autoencoder=None, threads=None, speed_token
                             "quantized ones came from, as the reference")
     _check_sources(models, references)
 
-    speeds = measure_round_robin(models, new_tokens=speed_tokens, repeats=speed_repeats, seed=seed)
+    speeds = measure_round_robin(models, new_tokens=speed_tokens, repeats=speed_repeats, seed=settings.seed)
     rows, draws = {}, {}
     for name in models:
         draws[name] = []
-        report = evaluate_model_package(name, sources, autoencoder=autoencoder if kinds[name] == "calm" else None,
-                                        seed=seed, threads=threads, progress=progress, samples=draws[name],
-                                        **eval_options)
+        report = evaluate_model_package(name, text, settings, autoencoder=autoencoder if kinds[name] == "calm" else None,
+                                        reconstruction_tokens=reconstruction_tokens, threads=threads,
+                                        progress=progress, samples=draws[name])
         recon = report.get("reconstruction") or {}
         main = next(iter(report["by_offset"].values()))  # the first offset's figures are the headline ones
         rows[name] = {
@@ -93,30 +129,23 @@ def compare_packages(paths, sources, autoencoder=None, threads=None, speed_token
         row["quality_relative_to_fp32"] = {"value": value, "stderr": error, "measure": measure}
     return {
         "references": references,
-        "data": [str(s) for s in sources],
-        "positions": eval_options,
+        "data": list(text.paths),
+        "positions": {"context": settings.context, "stride": settings.stride, "max_positions": settings.max_positions,
+                      "text_field": text.text_field, "detokenize": text.detokenize,
+                      "reconstruction_tokens": reconstruction_tokens},
         "speed": {"batch": 1, "provider": "cpu", "threads": threads or os.cpu_count(), "new_tokens": speed_tokens,
                   "repeats": speed_repeats, "statistic": "median"},
         "machine": {"cpu_cores": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "onnxruntime": _onnxruntime_version()},
+                    "onnxruntime": onnxruntime.__version__},
         "rows": list(rows.values()),
         "seconds": round(time.perf_counter() - started, 2),
     }
 
 
-def _onnxruntime_version():
-    import onnxruntime
-
-    return onnxruntime.__version__
-
-
 def _check_sources(models, references):
     """Each quantized package must come from the fp32 package it is compared with."""
-    from calm_edge.fileio import sha256_of
-    from calm_edge.runtime.package import MANIFEST_FILE
-
     for name, model in models.items():
-        source = model.manifest["quantization"].get("source")
+        source = model.manifest.quantization_source
         if not source:
             continue
         reference = references[model.kind]

@@ -1,6 +1,6 @@
 """How well a trained autoencoder reconstructs text, and how robust its latent space is.
 
-The token stream (see calm_edge.evaldata) is cut into consecutive chunks of K tokens (a last
+The token stream (a `calm_edge.text_source.TextSource`) is cut into consecutive chunks of K tokens (a last
 partial chunk is dropped). Each chunk is encoded to its posterior (mean, sigma) and decoded by
 argmax under several latents:
 
@@ -23,26 +23,26 @@ the deployed decoder does with the latents the trained encoder gives.
 import torch
 from tqdm import tqdm
 
-from calm_edge.evaldata import load_eval_tokens
 from calm_edge.tokenizer import Tokenizer
 from calm_edge.training.autoencoder import load_autoencoder
 
 NOISE_SCALES = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 
-def evaluate_autoencoder(checkpoint_path, sources, text_field="text", detokenize="none", split="valid",
-                         max_tokens=None, batch_chunks=2048, noise_scales=NOISE_SCALES, seed=0, progress=False,
-                         decode=None):
-    """The report described above; `decode(latents [n, latent] numpy) -> ids [n, K]` overrides the decoder."""
+def evaluate_autoencoder(checkpoint_path, text, max_tokens=None, batch_chunks=2048, noise_scales=NOISE_SCALES, seed=0,
+                         progress=False, decode=None):
+    """The report described above, on `text` (a TextSource).
+
+    `decode(latents [n, latent] numpy) -> ids [n, K]` overrides the checkpoint's decoder.
+    """
     model, saved = load_autoencoder(checkpoint_path)
     decode_tokens = model.decode_tokens if decode is None else _numpy_decoder(decode)
     K = model.chunk_size
     tokenizer = Tokenizer(saved.tokenizer_path)
-    tokens, data = load_eval_tokens(sources, tokenizer, text_field=text_field, detokenize=detokenize, split=split,
-                                    max_tokens=max_tokens, progress=progress)
+    tokens, data = text.load_tokens(tokenizer, max_tokens=max_tokens, progress=progress)
     chunks = torch.from_numpy(tokens[: len(tokens) // K * K]).view(-1, K)
     if len(chunks) == 0:
-        raise ValueError("unreachable: load_eval_tokens returns at least one token")  # pragma: no cover
+        raise ValueError("unreachable: TextSource.load_tokens returns at least one token")  # pragma: no cover
 
     generator = torch.Generator().manual_seed(seed)
     conditions = ["mean", "sample"] + [f"noise_{scale}" for scale in noise_scales]
@@ -82,7 +82,7 @@ def evaluate_autoencoder(checkpoint_path, sources, text_field="text", detokenize
         "latent_size": model.latent_size,
         "parameters": model.num_parameters(),
         "data": data,
-        "text_form": "wikitext-detokenized" if detokenize == "wikitext" else "as-is",
+        "text_form": "wikitext-detokenized" if text.detokenize == "wikitext" else "as-is",
         "tokens_evaluated": n_tokens,
         "chunks_evaluated": n_chunks,
         **accuracy("mean"),

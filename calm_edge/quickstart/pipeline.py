@@ -3,7 +3,7 @@
     run_quickstart("quickstart", preset_name="tiny")          # on the embedded demo corpus
 
 Stages, in order, each in its own folder of `out` and finished when its marker exists
-(`calm_edge.stages`):
+(`stages.py`):
 
   corpus        corpus/corpus.json             a slice of --data (default demo:bible) as JSONL
   tokenizer     tokenizer/tokenizer.json       SentencePiece on the slice
@@ -13,12 +13,12 @@ Stages, in order, each in its own folder of `out` and finished when its marker e
   ar            ar/run_summary.json            the token-by-token baseline
   export-calm   packages/calm/manifest.json    validated model packages
   export-ar     packages/ar/manifest.json
-  quantize      packages/calm-int8/manifest.json  CALM with int8 graphs
+  quantize      packages/calm-int8/manifest.json  CALM with int8 graphs (needs the quantize extra)
   evaluate      eval/brierlm.json              BrierLM of every package through the runtime
   generate      samples.json                   a few continuations per package
   benchmark     benchmark.json                 decode tokens/s per package, CALM / AR speed-up
 
-then the summary (`calm_edge.quickstart_report`): summary.json, summary.png and a printed table.
+then the summary (`report.py`): summary.json, summary.png and a printed table.
 
 The slice. Training cost depends on the step counts, not on the corpus size, but reading and
 tokenizing do: a large --data (a Wikipedia dump) would cost minutes before the first step. So
@@ -33,15 +33,35 @@ settings into the same folder is refused rather than mixing two runs' outputs.
 """
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from calm_edge.config import Config, preset
+from calm_edge.corpus import expand_sources, is_valid_document, iter_documents
+from calm_edge.data import prepare_shards
 from calm_edge.errors import CalmEdgeError, ConfigError, DataError
+from calm_edge.evaluation.autoencoder import evaluate_autoencoder
+from calm_edge.evaluation.package import evaluate_model_package
+from calm_edge.evaluation.settings import EvalSettings
+from calm_edge.export.exporter import export_package
+from calm_edge.export.quantize import quantize_package
 from calm_edge.fileio import atomic_output_dir, write_json_atomic
-from calm_edge.stages import Stage, run_stages
+from calm_edge.quickstart.report import write_summary
+from calm_edge.quickstart.stages import Stage, is_finished, run_stages
+from calm_edge.runtime import GeneratorParams, Model, generate
+from calm_edge.runtime.profiling import measure
+from calm_edge.text_source import TextSource
+from calm_edge.tokenizer import train_tokenizer
+from calm_edge.training import checkpoint
+from calm_edge.training.autoencoder import train_autoencoder
+from calm_edge.training.language_models import train_ar, train_calm
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +126,6 @@ QUICKSTART_PRESETS = {
 
 def quickstart_config(preset_name, config_file=None, overrides=()):
     """The preset, then the quickstart's overrides of it, then the user's --config and --set."""
-    from calm_edge.config import Config, preset
-
     config = preset(preset_name).with_overrides(QUICKSTART_PRESETS[preset_name][0])
     if config_file is not None:
         config = Config.load(config_file, base=config)
@@ -132,33 +150,31 @@ class Run:
     def path(self, *parts):
         return self.out.joinpath(*parts)
 
+    @property
+    def held_out(self):
+        """The held-out documents of the token shards (their valid split): evaluation and benchmark text."""
+        return TextSource((self.path("shards"),), split="valid")
+
+    @property
+    def package_names(self):
+        """The packages the later stages use: calm and ar, and calm-int8 when quantization is installed."""
+        names = ["calm", "ar"]
+        if quantization_missing() is None:
+            names.append(f"calm-{self.settings.quantization.split('-')[0]}")
+        return names
+
     def describe(self):
         """What `quickstart.json` records, and what a re-run must match."""
         return {"preset": self.preset_name, "data": [str(d) for d in self.data], "text_field": self.text_field,
                 "config": self.config.to_dict(), "settings": self.settings.outputs_dict()}
 
 
-# ----- optional parts ------------------------------------------------------------------------
-# Quantization and runtime-based evaluation are separate features of calm-edge; a build without
-# them still runs every other stage, and the summary says which figures are missing and why.
-
-
-def _quantize_function():
-    """(quantize_package, None), or (None, why it is not available)."""
-    try:
-        from calm_edge.export.quantize import quantize_package
-    except ImportError:
-        return None, "int8 quantization (calm_edge.export.quantize) is not part of this calm-edge build yet"
-    return quantize_package, None
-
-
-def _package_eval_function():
-    """(evaluate_model_package, None), or (None, why it is not available)."""
-    try:
-        from calm_edge.package_eval import evaluate_model_package
-    except ImportError:
-        return None, "BrierLM through the runtime (calm_edge.package_eval) is not part of this calm-edge build yet"
-    return evaluate_model_package, None
+def quantization_missing():
+    """None when the quantize stage can run, else why not: ONNX Runtime's quantizers need the quantize extra."""
+    missing = [module for module in ("onnx", "onnx_ir") if importlib.util.find_spec(module) is None]
+    if missing:
+        return f"quantization needs {', '.join(missing)}: pip install 'calm-edge[quantize]'"
+    return None
 
 
 # ----- the stages ----------------------------------------------------------------------------
@@ -166,8 +182,6 @@ def _package_eval_function():
 
 def _corpus(run, ctx):
     """Whole documents of --data up to max_characters, as JSONL, with counts in corpus.json."""
-    from calm_edge.data import is_valid_document, iter_documents
-
     limit = run.settings.max_characters
     documents, characters, held_out, truncated = 0, 0, 0, False
     with atomic_output_dir(ctx.folder, force=True, what="corpus slice") as tmp:
@@ -202,24 +216,18 @@ def _corpus(run, ctx):
 
 
 def _tokenizer(run, ctx):
-    from calm_edge.tokenizer import train_tokenizer
-
     info = train_tokenizer([run.path("corpus", "corpus.jsonl")], ctx.folder, run.config.tokenizer, force=True,
                            progress=ctx.progress)
     return f"{info['vocab_size']:,} pieces"
 
 
 def _data(run, ctx):
-    from calm_edge.data import prepare_shards
-
     result = prepare_shards([run.path("corpus", "corpus.jsonl")], run.path("tokenizer"), ctx.folder,
                             valid_fraction=run.settings.valid_fraction, workers=run.threads, force=True,
                             progress=ctx.progress)
     valid = result["splits"]["valid"]["tokens"]
     if valid < run.settings.min_valid_tokens:
         # Checked here as well as in the corpus stage: a few very short documents may be held out.
-        import shutil
-
         shutil.rmtree(ctx.folder)
         raise DataError(f"only {valid} tokens of {', '.join(map(str, run.data))} were held out for evaluation (at "
                         f"least {run.settings.min_valid_tokens} needed); give the quickstart more or longer documents")
@@ -229,8 +237,6 @@ def _data(run, ctx):
 @contextlib.contextmanager
 def _torch_threads(run):
     """Run torch with the quickstart's thread count, then give the caller's setting back."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(run.settings.torch_threads or threads)
     try:
@@ -241,8 +247,6 @@ def _torch_threads(run):
 
 def _train(run, ctx, train, *inputs):
     """Train one model into the stage folder: continue from its newest checkpoint unless forced."""
-    from calm_edge.training import checkpoint
-
     resume = bool(checkpoint.list_checkpoints(ctx.folder)) and not ctx.force
     if resume:
         log.info("continuing %s from its newest checkpoint", ctx.folder)
@@ -254,36 +258,26 @@ def _train(run, ctx, train, *inputs):
 
 
 def _autoencoder(run, ctx):
-    from calm_edge.training.autoencoder import train_autoencoder
-    from calm_edge.training.autoencoder_eval import evaluate_autoencoder
-
     _train(run, ctx, train_autoencoder, run.path("shards"))
     with _torch_threads(run):
-        report = evaluate_autoencoder(ctx.folder, [run.path("shards")], split="valid",
-                                      max_tokens=run.settings.reconstruction_tokens, seed=run.settings.seed,
-                                      progress=ctx.progress)
+        report = evaluate_autoencoder(ctx.folder, run.held_out, max_tokens=run.settings.reconstruction_tokens,
+                                      seed=run.settings.seed, progress=ctx.progress)
     write_json_atomic(ctx.folder / "reconstruction.json", report)
     return f"token reconstruction {report['token_accuracy']:.2%} on held-out text"
 
 
 def _calm(run, ctx):
-    from calm_edge.training.language_models import train_calm
-
     summary = _train(run, ctx, train_calm, run.path("autoencoder"), run.path("shards"))
     return f"step {summary['step']}"
 
 
 def _ar(run, ctx):
-    from calm_edge.training.language_models import train_ar
-
     summary = _train(run, ctx, train_ar, run.path("shards"))
     return f"step {summary['step']}"
 
 
 def _export(kind):
     def export(run, ctx):
-        from calm_edge.export.exporter import export_package
-
         with _torch_threads(run):
             manifest = export_package(run.path(kind), ctx.folder, force=True, kind=kind, seed=run.settings.seed,
                                       progress=ctx.progress)
@@ -292,36 +286,27 @@ def _export(kind):
 
 
 def _quantize(run, ctx):
-    quantize_package, _ = _quantize_function()
     manifest = quantize_package(run.path("packages", "calm"), ctx.folder, run.settings.quantization, force=True,
                                 calibration_data=[run.path("shards")], seed=run.settings.seed,
                                 progress=ctx.progress)
     return f"{sum(g['bytes'] for g in manifest['graphs'].values()) / 1e6:.2f} MB of graphs"
 
 
-def package_names(run):
-    """The packages the later stages use: calm and ar, and calm-int8 once the quantize stage made it."""
-    names = ["calm", "ar"]
-    if _quantize_function()[0] is not None:
-        names.append(f"calm-{run.settings.quantization.split('-')[0]}")
-    return names
-
-
 def _evaluate(run, ctx):
     """BrierLM of each package on the held-out text; a package's report is kept, so a re-run continues."""
-    evaluate_model_package, _ = _package_eval_function()
     s = run.settings
     reports = {}
-    for name in package_names(run):
+    for name in run.package_names:
         path = ctx.folder / f"{name}.json"
         manifest = run.path("packages", name, "manifest.json")
         # A report is reused only if it is newer than the package it scored.
         if path.is_file() and not ctx.force and path.stat().st_mtime >= manifest.stat().st_mtime:
             reports[name] = json.loads(path.read_text(encoding="utf-8"))
         else:
+            settings = EvalSettings(context=s.eval_context, stride=s.eval_stride, max_positions=s.eval_positions,
+                                    seed=s.seed)
             reports[name] = evaluate_model_package(
-                run.path("packages", name), [run.path("shards")], autoencoder=run.path("autoencoder"),
-                context=s.eval_context, stride=s.eval_stride, max_positions=s.eval_positions, seed=s.seed,
+                run.path("packages", name), run.held_out, settings, autoencoder=run.path("autoencoder"),
                 reconstruction_tokens=s.reconstruction_tokens, threads=run.threads, progress=ctx.progress)
             write_json_atomic(path, reports[name])
         ctx.advance(note=f"{name}: BrierLM {reports[name]['brierlm']:.2f}")
@@ -332,12 +317,10 @@ def _evaluate(run, ctx):
 
 
 def _generate(run, ctx):
-    from calm_edge.runtime import GeneratorParams, Model, generate
-
     s = run.settings
     params = GeneratorParams(max_new_tokens=s.sample_tokens, temperature=1.0, seed=s.seed)
     samples = {}
-    for name in package_names(run):
+    for name in run.package_names:
         model = Model(run.path("packages", name), threads=run.threads)
         results = generate(model, list(s.sample_prompts), params)
         samples[name] = [{"prompt": r.prompt, "text": r.text, "stopped_by": r.stopped_by} for r in results]
@@ -353,15 +336,11 @@ def _benchmark(run, ctx):
     load (other work on a shared CPU) hits all of them alike rather than one; each package's
     figure is its median round.
     """
-    from calm_edge.evaldata import load_eval_tokens
-    from calm_edge.runtime import GeneratorParams, Model
-    from calm_edge.runtime.profiling import measure
-
     s = run.settings
     models, prompts = {}, {}
-    for name in package_names(run):
+    for name in run.package_names:
         models[name] = Model(run.path("packages", name), threads=run.threads)
-        tokens, _ = load_eval_tokens([run.path("shards")], models[name].tokenizer, max_tokens=s.bench_prompt_tokens)
+        tokens, _ = run.held_out.load_tokens(models[name].tokenizer, max_tokens=s.bench_prompt_tokens)
         prompts[name] = tokens.tolist()
         measure(models[name], prompts[name], GeneratorParams(max_new_tokens=8, seed=s.seed, stop_at_eos=False), 1)
     params = GeneratorParams(max_new_tokens=s.bench_new_tokens, seed=s.seed, stop_at_eos=False)
@@ -381,17 +360,15 @@ def _benchmark(run, ctx):
         "provider": "cpu", "batch": 1, "temperature": 1.0, "threads": run.threads, "cpu_cores": os.cpu_count(),
         "prompt_tokens": s.bench_prompt_tokens, "new_tokens": s.bench_new_tokens, "rounds": s.bench_repeats,
         "packages": results,
-        "definition": "new tokens / (generation time - prefill time); the median of rounds in which the packages "
-                      "take turns",
+        "definition": "tokens after the first step / their time (calm_edge.runtime.timing); the median of rounds "
+                      "in which the packages take turns",
     })
 
 
 def build_stages(run):
     """The quickstart's stages, in order, bound to `run`."""
-    quantize_available = _quantize_function()[1]
-    eval_available = _package_eval_function()[1]
     int8 = f"calm-{run.settings.quantization.split('-')[0]}"
-    names = set(package_names(run))
+    names = set(run.package_names)
 
     def covers(key):
         # Evaluation, samples and benchmark are redone when there is a package they lack.
@@ -411,9 +388,9 @@ def build_stages(run):
         Stage("export-calm", "CALM package", "packages/calm", "packages/calm/manifest.json", bound(_export("calm"))),
         Stage("export-ar", "AR package", "packages/ar", "packages/ar/manifest.json", bound(_export("ar"))),
         Stage("quantize", f"CALM {run.settings.quantization}", f"packages/{int8}", f"packages/{int8}/manifest.json",
-              bound(_quantize), available=quantize_available),
+              bound(_quantize), available=quantization_missing()),
         Stage("evaluate", "BrierLM through the runtime", "eval", "eval/brierlm.json", bound(_evaluate),
-              items=len(names), available=eval_available, check=covers("packages")),
+              items=len(names), check=covers("packages")),
         Stage("generate", "samples", ".", "samples.json", bound(_generate), items=len(names),
               check=covers("samples")),
         Stage("benchmark", "decode tokens/s", ".", "benchmark.json", bound(_benchmark), items=len(names),
@@ -426,8 +403,6 @@ def build_stages(run):
 
 def _check_same_run(run, stages, force):
     """Refuse to mix two runs' outputs: once a stage has finished, a re-run must have its settings."""
-    from calm_edge.stages import is_finished
-
     path = run.path(SETTINGS_FILE)
     mine = run.describe()
     if path.is_file() and not force:
@@ -454,14 +429,11 @@ def run_quickstart(out, preset_name="tiny", data=DEFAULT_DATA, config_file=None,
     """Run (or continue) the quickstart into folder `out`; returns the summary dict.
 
     echo: prints one line per stage (done, skipped, not available); the caller prints the
-    summary table (`quickstart_report.format_table`).
+    summary table (`report.format_table`).
 
     settings: a QuickstartSettings replacing the preset's (tests use a very small one).
-    after_stage: see `calm_edge.stages.run_stages`.
+    after_stage: see `stages.run_stages`.
     """
-    from calm_edge import quickstart_report
-    from calm_edge.data import expand_sources
-
     if preset_name not in QUICKSTART_PRESETS:
         raise ConfigError(f"unknown preset {preset_name!r}; choose one of: {', '.join(QUICKSTART_PRESETS)}")
     config = quickstart_config(preset_name, config_file, overrides)
@@ -475,4 +447,4 @@ def run_quickstart(out, preset_name="tiny", data=DEFAULT_DATA, config_file=None,
     _check_same_run(run, stages, force)
     results = run_stages(stages, run.out, force=force, progress=progress, echo=echo,
                          after_stage=after_stage)
-    return quickstart_report.write_summary(run, results)
+    return write_summary(run, results)

@@ -1,0 +1,66 @@
+"""`StepState`: one generation's attention mask, key/value cache and graph timings on a shared `Model`.
+
+The state a `Generator` advances (see generator.py for the interface). The cache lives in
+buffers preallocated once for the generation on the provider's device (`kv_cache.py`), bound
+to the step graph through IO binding, so no step allocates a cache or copies it out to numpy.
+`timings` accumulates the seconds spent in each graph's run, so a benchmark can tell the
+graphs' time from the loop's own (sampling, bookkeeping, Python).
+"""
+import time
+
+import numpy as np
+
+from calm_edge.runtime.kv_cache import KVCache
+
+
+class StepState:
+    """The per-generation state of a runtime `Model`: `model.new_state(batch, capacity)` makes one."""
+
+    def __init__(self, model, batch, capacity):
+        self.model = model
+        self.mask = None
+        self.cache = KVCache(model.ort, model.manifest.past_names, model.manifest.present_names, batch=batch,
+                             kv_heads=model.manifest.num_kv_heads, head_dim=model.manifest.head_dim, capacity=capacity,
+                             dtype=model.cache_dtype, device=model.cache_device)
+        self.timings = {name: 0.0 for name in model.sessions}
+
+    def _run(self, input_ids, position_ids):
+        model, manifest = self.model, self.model.manifest
+        session = model.sessions[manifest.step_graph]
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask, np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
+        # The step's result goes straight into a host array: reading it back through
+        # get_outputs() would wrap every bound output, the cache included, each step.
+        batch, new_positions = position_ids.shape
+        width = manifest.step_output_width
+        shape = (batch, width) if manifest.kind == "ar" else (batch, new_positions, width)
+        last = np.empty(shape, model.step_output_dtype)
+        binding.bind_output(manifest.step_output, "cpu", 0, last.dtype, list(shape), last.ctypes.data)
+        total = self.cache.bind(binding, new_positions)
+        began = time.perf_counter()
+        session.run_with_iobinding(binding)
+        self.timings[manifest.step_graph] += time.perf_counter() - began
+        self.cache.commit(total)
+        return last[:, -1] if last.ndim == 3 else last
+
+    def start(self, input_ids, attention_mask, position_ids):
+        self.mask = attention_mask
+        return self._run(input_ids, position_ids)
+
+    def advance(self, input_ids, position_ids):
+        self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), dtype=np.int64)], axis=1)
+        return self._run(input_ids, position_ids)
+
+    def sample_latents(self, hidden, noise):
+        began = time.perf_counter()
+        latents = self.model.sample_latents(hidden, noise)
+        self.timings["energy_head"] += time.perf_counter() - began
+        return latents
+
+    def decode(self, latents):
+        began = time.perf_counter()
+        token_ids = self.model.decode(latents)
+        self.timings["decoder"] += time.perf_counter() - began
+        return token_ids
