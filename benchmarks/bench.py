@@ -1,4 +1,4 @@
-"""The issue's two benchmark runs, one command each: `small` (trained) and `paper-dims` (random weights).
+"""The two reference benchmark runs, one command each: `small` (trained) and `paper-dims` (random weights).
 
     python benchmarks/bench.py small --calm-run runs/calm_small --ar-run runs/ar_small
     python benchmarks/bench.py paper-dims --tokenizer runs/tok

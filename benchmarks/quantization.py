@@ -17,7 +17,7 @@ For the `small` models, once they are trained and exported:
 
 Quantized packages already in runs/quant_<name>/ are reused unless --requantize. The result
 JSON holds the commands, the table (each figure absolute and relative to the fp32 package of
-the same kind, measured in the same run) and, per kind, the fastest mode within the issue's
+the same kind, measured in the same run) and, per kind, the fastest mode within the
 goal (at least 1.5x decode speed, at most 3% BrierLM lost), if any.
 """
 import argparse

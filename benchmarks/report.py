@@ -21,7 +21,7 @@ from calm_edge.errors import CalmEdgeError
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT = [REPO / "benchmarks" / "results" / f"bench_{name}.json" for name in ("small", "paper_dims")]
 BEGIN, END = "<!-- performance:begin -->", "<!-- performance:end -->"
-HEADLINE = {"batch": 1, "temperature": 1.0}  # the goals are stated at batch 1, T = 1
+HEADLINE = {"batch": 1, "temperature": 1.0}  # the headline cells: the speed goals of README (Performance) are at batch 1, T = 1
 
 
 def _headline_cells(runner):

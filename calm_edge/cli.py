@@ -605,7 +605,7 @@ def generate_command(package_dir, checkpoint, prompt, max_new_tokens, temperatur
                      stop_sequences, provider, threads, as_json):
     """Continue PROMPT, streaming the text as each step's tokens arrive.
 
-    Example: calm-edge generate --package models/calm-small "The history of" --seed 3
+    Example: calm-edge generate --package models/calm-small-int4 "The history of" --seed 3
     """
     from calm_edge.runtime.generator import GeneratorParams
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from calm_edge.errors import ConfigError
+from calm_edge.fileio import write_bytes_atomic
 
 
 @dataclass
@@ -190,8 +191,6 @@ class Config:
 
     def save(self, path):
         """Write to `path` as JSON or YAML, chosen by its extension."""
-        from calm_edge.fileio import write_bytes_atomic
-
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
             text = yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -19,8 +19,13 @@ to the same ids.
 import json
 import shutil
 
+import torch
+from safetensors.torch import save_file
+
 from calm_edge.errors import CalmEdgeError
 from calm_edge.fileio import atomic_output_dir
+from calm_edge.tokenizer import Tokenizer
+from calm_edge.training.language_models import load_language_model
 
 LOGITS_TOLERANCE = 1e-4
 SAMPLE_TEXTS = (
@@ -86,11 +91,6 @@ def tokenizer_config(tok, max_positions, pieces):
 
 def export_hf(checkpoint, out, force=False, real_texts=SAMPLE_TEXTS):
     """Write the AR checkpoint at `checkpoint` as a Hugging Face Llama folder `out`; returns the report."""
-    from safetensors.torch import save_file
-
-    from calm_edge.tokenizer import Tokenizer
-    from calm_edge.training.language_models import load_language_model
-
     model, saved = load_language_model(checkpoint)
     if saved.kind != "ar":
         raise CalmEdgeError(
@@ -118,9 +118,7 @@ def export_hf(checkpoint, out, force=False, real_texts=SAMPLE_TEXTS):
 
 def validate_hf(model, tokenizer, folder, real_texts):
     """Load `folder` with transformers and compare logits and tokenization with ours."""
-    import torch
-
-    try:
+    try:  # transformers is an optional dependency (the bench extra)
         from transformers import AutoTokenizer, LlamaForCausalLM
     except ImportError:
         raise CalmEdgeError(

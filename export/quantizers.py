@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from calm_edge.errors import CalmEdgeError
+from calm_edge.export.calibration import FeedReader
 
 INT4_BLOCK_SIZE = 32  # the small models' widths (256..1024) are multiples; smaller blocks keep more precision
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations on CPU: the fast path
@@ -89,8 +90,6 @@ def _int8_dynamic(source, target, _feeds):
 
 def _int8_static(source, target, feeds):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from calm_edge.export.calibration import FeedReader
 
     if not feeds:
         raise CalmEdgeError("int8-static needs calibration inputs; pass --calibration-data with some real text")

@@ -7,7 +7,7 @@ model of a config with its initial (random) weights and saves it as an ordinary 
 it unchanged. The checkpoint's trainer.json says "random_weights": true, and the package's
 provenance carries it, so nobody mistakes such a package for a trained one.
 
-    calm-edge export random --preset base --kind calm --tokenizer runs/tok --out runs/calm-base-random
+    random_checkpoint(preset("base"), "calm", "runs/tok", "runs/calm-base-random")    # as benchmarks/bench.py does
 
 The tokenizer must have the config's vocabulary size. A smaller one (the 8,192-piece `small`
 tokenizer under the base preset's 128,256) is padded with UNUSED pieces, which SentencePiece never
@@ -17,15 +17,21 @@ vocabulary, as a model of that size needs.
 import tempfile
 from pathlib import Path
 
+import torch
+from sentencepiece import sentencepiece_model_pb2
+
 from calm_edge.errors import CalmEdgeError
+from calm_edge.models.ar import ARModel
+from calm_edge.models.calm import CalmModel
+from calm_edge.tokenizer import Tokenizer
+from calm_edge.training import checkpoint
+from calm_edge.training.language_models import load_language_model
 
 KINDS = ("calm", "ar")
 
 
 def pad_tokenizer(source, target, vocab_size):
     """Write `source`'s SentencePiece model to `target` with UNUSED pieces up to `vocab_size`."""
-    from sentencepiece import sentencepiece_model_pb2
-
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(Path(source).read_bytes())
     have = len(proto.pieces)
@@ -45,11 +51,6 @@ def pad_tokenizer(source, target, vocab_size):
 
 def random_checkpoint(config, kind, tokenizer, out, seed=0, force=False):
     """Save the `kind` model of `config` with initial weights as a checkpoint run folder `out`."""
-    import torch
-
-    from calm_edge.tokenizer import Tokenizer
-    from calm_edge.training import checkpoint
-
     if kind not in KINDS:
         raise CalmEdgeError(f"model kind {kind!r} is unknown; choose one of: {', '.join(KINDS)}")
     out = Path(out)
@@ -62,14 +63,7 @@ def random_checkpoint(config, kind, tokenizer, out, seed=0, force=False):
         raise CalmEdgeError(f"tokenizer {source.path} has special ids {special}, the config expects {dict(ids)}; "
                             "use a tokenizer made by `calm-edge tokenizer train`")
     torch.manual_seed(seed)
-    if kind == "calm":
-        from calm_edge.models.calm import CalmModel
-
-        model = CalmModel(config)
-    else:
-        from calm_edge.models.ar import ARModel
-
-        model = ARModel(config)
+    model = CalmModel(config) if kind == "calm" else ARModel(config)
     with tempfile.TemporaryDirectory() as tmp:
         padded = Path(tmp) / checkpoint.TOKENIZER_FILE
         added = pad_tokenizer(source.path, padded, config.tokenizer.vocab_size)
@@ -86,13 +80,10 @@ def widened_checkpoint(source, out, max_positions, force=False):
 
     The backbones use rotary positions computed on the fly, so the context is a number in the
     config and no weight depends on it: the copy holds the very same weights. The benchmark needs
-    it where the issue's matrix (a 512-token prompt and 256 new tokens) passes a trained model's
+    it where the benchmark's default matrix (a 512-token prompt and 256 new tokens) passes a trained model's
     context, e.g. the `small` AR's 512 tokens; what the model would generate past its trained
     context does not matter for speed. trainer.json records the original context.
     """
-    from calm_edge.training import checkpoint
-    from calm_edge.training.language_models import load_language_model
-
     out = Path(out)
     if out.exists() and not force:
         raise CalmEdgeError(f"{out} already exists; pass --force to replace it or choose another --out")

@@ -9,6 +9,7 @@ from pathlib import Path
 from calm_edge.data import TokenShards
 from calm_edge.errors import CalmEdgeError, ConfigError
 from calm_edge.fileio import sha256_of
+from calm_edge.models import Autoencoder
 from calm_edge.training import checkpoint
 from calm_edge.training.trainer import Trainer
 
@@ -25,8 +26,6 @@ def train_autoencoder(config, data, out, tokenizer=None, resume=False, force=Fal
     recorded in the shards' index.json.
     Returns the trainer's summary.
     """
-    from calm_edge.models import Autoencoder
-
     if config is None:
         if not resume:
             raise ConfigError("a config is needed to start training; pass --preset/--config/--set")
@@ -78,8 +77,6 @@ def find_shards_tokenizer(shards, tokenizer=None):
 
 def load_autoencoder(path, device="cpu"):
     """A trained autoencoder in eval mode, and its Checkpoint, from a run or checkpoint folder."""
-    from calm_edge.models import Autoencoder
-
     saved = checkpoint.load_checkpoint(path, KIND)
     model = Autoencoder(saved.config)
     checkpoint.load_weights_into(model, saved)

@@ -23,6 +23,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
 from calm_edge.config import Config
 from calm_edge.errors import CalmEdgeError, ConfigError
 from calm_edge.fileio import atomic_output_dir, sha256_of, write_json_atomic
@@ -58,9 +62,6 @@ def save_checkpoint(run_dir, step, kind, config, model, trainer_info, trainer_st
     `files` maps names in the checkpoint to existing files to copy in (the tokenizer).
     Returns the new checkpoint folder.
     """
-    import torch
-    from safetensors.torch import save_file
-
     root = Path(run_dir) / CHECKPOINTS_DIR
     folder = root / f"step_{step:08d}"
     with atomic_output_dir(folder, force=True, what="checkpoint") as tmp:
@@ -140,9 +141,6 @@ def resolve_checkpoint(path):
 
 def load_checkpoint(path, kind):
     """Read and check the checkpoint at `path` (run folder or checkpoint folder) of model `kind`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = resolve_checkpoint(path)
     config_path = folder / CONFIG_FILE
     data = _read_json(config_path, "config")
@@ -192,8 +190,6 @@ def load_weights_into(model, checkpoint):
 
 def load_trainer_state(folder):
     """Optimizer and RNG state of a checkpoint (tensors only; weights_only=True unpickles nothing else)."""
-    import torch
-
     path = Path(folder) / TRAINER_STATE_FILE
     try:
         return torch.load(path, weights_only=True)

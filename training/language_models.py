@@ -19,6 +19,8 @@ from calm_edge.config import Config
 from calm_edge.data import TokenShards
 from calm_edge.errors import CalmEdgeError, ConfigError
 from calm_edge.fileio import write_json_atomic
+from calm_edge.models.ar import ARModel
+from calm_edge.models.calm import CalmModel
 from calm_edge.training import checkpoint
 from calm_edge.training.autoencoder import check_shards_vocabulary, find_shards_tokenizer, load_autoencoder
 from calm_edge.training.trainer import Trainer
@@ -44,8 +46,6 @@ def check_autoencoder_fits(config: Config, ae_config: Config, ae_folder):
 
 def train_calm(config, autoencoder, data, out, tokenizer=None, resume=False, force=False, progress=True):
     """Train (or resume) a CALM model on shards `data` with the frozen autoencoder at `autoencoder`."""
-    from calm_edge.models.calm import CalmModel
-
     if config is None:
         config = checkpoint.load_checkpoint(checkpoint.newest_to_resume(out), "calm").config
     ae_model, ae_saved = load_autoencoder(autoencoder)
@@ -71,8 +71,6 @@ def train_calm(config, autoencoder, data, out, tokenizer=None, resume=False, for
 
 def train_ar(config, data, out, tokenizer=None, resume=False, force=False, progress=True):
     """Train (or resume) the token-by-token baseline on shards `data`."""
-    from calm_edge.models.ar import ARModel
-
     if config is None:
         config = checkpoint.load_checkpoint(checkpoint.newest_to_resume(out), "ar").config
     shards = TokenShards(data)
@@ -101,9 +99,6 @@ def _read_kind(folder):
 
 def load_language_model(path, device="cpu"):
     """A trained CALM or AR model in eval mode, and its Checkpoint, from a run or checkpoint folder."""
-    from calm_edge.models.ar import ARModel
-    from calm_edge.models.calm import CalmModel
-
     folder = checkpoint.resolve_checkpoint(path)
     kind = _read_kind(folder)
     if kind not in ("calm", "ar"):

@@ -1,6 +1,6 @@
 """The benchmark matrix: every combination of prompt length, new tokens, batch, threads and temperature.
 
-Defaults are the issue's: prompts of 64 and 512 tokens, 256 new tokens, batch sizes 1, 4 and 16,
+Defaults are the benchmark's standard matrix: prompts of 64 and 512 tokens, 256 new tokens, batch sizes 1, 4 and 16,
 1 and 2 threads, T = 1 and T = 1/2. Each axis can be narrowed on the command line.
 """
 import itertools

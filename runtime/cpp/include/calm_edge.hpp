@@ -2,7 +2,7 @@
 //
 //     #include <calm_edge.hpp>
 //
-//     calm_edge::Model model("models/calm-small");
+//     calm_edge::Model model("models/calm-small-int4");
 //     calm_edge::GeneratorParams params;
 //     params.max_new_tokens = 64;
 //     calm_edge::generate(model, "The history of", params,
