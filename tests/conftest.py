@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny corpora and a tiny tokenizer that the tests make themselves."""
+"""Shared fixtures: tiny corpora, a tiny tokenizer and tiny trained models that the tests make themselves.
+
+Tests that train a model or build the C++ runtime are marked `slow`, by the fixtures they use
+(`SLOW_FIXTURES`) or by hand where they train in their own body: `python -m pytest -m "not slow"`
+runs the others in seconds, `python -m pytest -q` runs everything.
+"""
 import json
 from pathlib import Path
 
@@ -9,6 +14,16 @@ from calm_edge.demo_corpus import iter_bible_chapters
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Fixtures that train models or build C++: every test that uses one (directly or through another
+# fixture) is slow.
+SLOW_FIXTURES = {"trained_runs", "trained", "small_run", "cpp_build"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

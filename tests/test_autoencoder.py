@@ -147,6 +147,7 @@ def test_training_reduces_loss_and_writes_the_run(trained):
     assert summary["tokens_seen"] == TRAIN_STEPS * 16 * 64
 
 
+@pytest.mark.slow  # trains
 def test_bf16_autocast_and_gradient_accumulation_train(ae_shards, tmp_path):
     from calm_edge.training.autoencoder import train_autoencoder
 

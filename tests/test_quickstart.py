@@ -67,6 +67,7 @@ def check_outputs(out, summary):
         assert state["status"] != "unavailable" or state["note"], stage  # says why
 
 
+@pytest.mark.slow  # trains
 def test_quickstart_end_to_end_and_rerun_skips(corpus_jsonl, tmp_path):
     out = tmp_path / "qs"
     summary, printed = quickstart(out, corpus_jsonl)
@@ -84,6 +85,7 @@ def test_quickstart_end_to_end_and_rerun_skips(corpus_jsonl, tmp_path):
     assert other.exit_code == 1 and "--force" in other.output and "Traceback" not in other.output
 
 
+@pytest.mark.slow  # trains
 def test_interrupted_quickstart_resumes(corpus_jsonl, tmp_path, monkeypatch):
     out = tmp_path / "qs"
 

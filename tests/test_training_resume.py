@@ -65,6 +65,7 @@ def assert_every_checkpoint_is_complete(out):
         checkpoint.load_trainer_state(folder)
 
 
+@pytest.mark.slow  # trains
 def test_sigkilled_run_resumes_to_the_same_result(ae_shards, tmp_path):
     reference = tmp_path / "reference"
     run_cli(ae_shards, reference)
@@ -111,6 +112,7 @@ def test_sigkilled_run_resumes_to_the_same_result(ae_shards, tmp_path):
     assert losses(out) == losses(reference)
 
 
+@pytest.mark.slow  # trains
 def test_resume_without_a_checkpoint_and_reuse_of_a_run_folder(ae_shards, tmp_path):
     out = tmp_path / "run"
     runner = CliRunner()
