@@ -6,6 +6,7 @@ The library and calm-edge-generate are built with runtime/cpp/build.sh (CI runs 
 it only checks that the build is up to date). The tests skip only when a build prerequisite is
 missing and cannot be installed (no C++ compiler or cmake, and not root).
 """
+import itertools
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from calm_edge.runtime.generator import GeneratorParams, generate_tokens
+from calm_edge.runtime.generator import Generator, GeneratorParams, generate_tokens
 from calm_edge.runtime.model import Model
 from calm_edge.runtime.text_generation import generate, stream
 
@@ -99,6 +100,30 @@ def test_a_cpp_batch_matches_a_python_batch(cpp_build, packages, kind):
                            *prompts], capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
     assert [[int(t) for t in line.split()] for line in done.stdout.split("\n")[:-1]] == expected
+
+
+@pytest.mark.parametrize("kind", ["calm", "ar"])
+def test_the_cpp_generator_steps_as_the_python_generator_does(cpp_build, packages, kind):
+    """The step-level API in both languages: the same tokens each step, a row the caller stops,
+    rows stopping at eos, and the same stop reasons."""
+    prompts = ["In the beginning", "And the LORD spake unto Moses, saying, Speak", "Behold"]
+    model = Model(packages[kind], threads=1)
+    generator = Generator(model, [model.tokenizer.encode(p) for p in prompts],
+                          GeneratorParams(max_new_tokens=24, temperature=0.5, seed=9))
+    lines = []
+    for step in itertools.count(1):
+        if generator.done:
+            break
+        for row, ids in enumerate(generator.step()):
+            lines.append(f"{step} {row}:" + "".join(f" {i}" for i in ids))
+        if step == 2 and not generator.done:
+            generator.stop(1)
+    lines.append("reasons: " + " ".join(generator.stop_reasons))
+    done = subprocess.run([str(cpp_build / "generator_steps"), str(packages[kind]), "9", "0.5", "24", "1", "1", "2",
+                           *prompts], capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == lines
+    assert generator.stop_reasons[1] == "stop_sequence"
 
 
 def test_cpp_streams_the_text_of_the_python_runtime(cpp_build, packages):

@@ -144,10 +144,15 @@ int run(const Options& options) {
   if (options.token_ids) {
     const auto prompt_ids = model.tokenizer().encode(options.prompt);
     if (prompt_ids.empty()) throw calm_edge::Error("prompt 0 is empty; give some text to continue");
-    std::vector<calm_edge::StepTimes> runs(options.repeat);
-    std::vector<calm_edge::TokenIds> outputs;
-    for (auto& times : runs) outputs = calm_edge::generate_tokens(model, {prompt_ids}, options.params, nullptr, &times);
-    for (size_t k = 0; k < outputs[0].size(); ++k) std::cout << (k ? " " : "") << outputs[0][k];
+    std::vector<calm_edge::StepTimes> runs;
+    calm_edge::TokenIds tokens;
+    for (int r = 0; r < options.repeat; ++r) {
+      calm_edge::Generator generator(model, {prompt_ids}, options.params);
+      while (!generator.done()) generator.step();
+      tokens = generator.tokens()[0];
+      runs.push_back(generator.times());
+    }
+    for (size_t k = 0; k < tokens.size(); ++k) std::cout << (k ? " " : "") << tokens[k];
     std::cout << "\n";
     if (!options.timings_file.empty()) write_timings(options.timings_file, runs);
     return 0;

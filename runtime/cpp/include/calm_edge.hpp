@@ -121,13 +121,42 @@ struct GenerationResult {
 
 // Called with each piece of text as it becomes printable (K tokens at a time for CALM).
 using TextCallback = std::function<void(const std::string& piece)>;
-// Called with each row's newly accepted tokens; returning false stops that row.
-using StepCallback = std::function<bool(size_t row, const TokenIds& new_ids)>;
 
-// When each step's tokens were ready, in seconds since generation began (prompt checks, prefill and
-// the first step's sampling are all in the first entry): for per-step latency measurements.
+// When each step's tokens were ready, in seconds since the Generator was made (prompt checks, the
+// cache's allocation, prefill and the first step's sampling are all in the first entry).
 struct StepTimes {
   std::vector<double> seconds;
+};
+
+// One batch of prompts (token ids) generated step by step, as the Python runtime's Generator: the
+// caller owns the loop, sees each step's tokens and may stop a row.
+//
+//     calm_edge::Generator generator(model, {model.tokenizer().encode("The history of")}, params);
+//     while (!generator.done()) {
+//       const std::vector<calm_edge::TokenIds> new_ids = generator.step();
+//     }
+//
+// Every check (parameters, prompts, streams) runs in the constructor, before any graph runs.
+class Generator {
+ public:
+  Generator(const Model& model, const std::vector<TokenIds>& prompts, const GeneratorParams& params = {});
+  ~Generator();
+  Generator(Generator&&) noexcept;
+  Generator& operator=(Generator&&) noexcept;
+
+  bool done() const;                    // every row has stopped
+  std::vector<TokenIds> step();         // one step: each row's newly accepted token ids (empty once stopped)
+  // Stop `row`; the caller's reason replaces the generator's own for the row's last step.
+  void stop(size_t row, const std::string& reason = "stop_sequence");
+
+  const std::vector<TokenIds>& tokens() const;           // each row's tokens so far
+  const std::vector<std::string>& stop_reasons() const;  // "" while running, else "eos", "max_new_tokens",
+                                                         // "context" or the caller's reason
+  const StepTimes& times() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
 };
 
 // One prompt, streamed through `on_text` if given.
@@ -138,9 +167,8 @@ GenerationResult generate(const Model& model, const std::string& prompt, const G
 std::vector<GenerationResult> generate(const Model& model, const std::vector<std::string>& prompts,
                                        const GeneratorParams& params = {});
 
-// The token-level loop under both: new token ids for each prompt of token ids.
+// New token ids for each prompt of token ids: a Generator run to the end.
 std::vector<TokenIds> generate_tokens(const Model& model, const std::vector<TokenIds>& prompts,
-                                      const GeneratorParams& params, const StepCallback& on_step = nullptr,
-                                      StepTimes* times = nullptr);
+                                      const GeneratorParams& params = {});
 
 }  // namespace calm_edge

@@ -1,7 +1,8 @@
-// The autoregressive loop, step for step the one of runtime/generator.py (read its docstring for
-// the why of each rule): eos left-fill of prompts to whole chunks, left padding, prefill, then per
-// step energy head -> decoder -> temperature sampling -> one backbone call (CALM), or softmax ->
-// inverse-CDF sampling -> one AR call. Same checks, same order of random draws, same stopping.
+// The autoregressive loop, calm_edge::Generator, step for step the one of runtime/generator.py (read
+// its docstring for the why of each rule): eos left-fill of prompts to whole chunks, left padding,
+// prefill at the first step, then per step energy head -> decoder -> temperature sampling (CALM), or
+// softmax -> inverse-CDF sampling (AR), and at the next step one backbone / AR call on the chosen
+// tokens. Same checks, same order of random draws, same stopping, same cache-sizing rule.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -67,8 +68,8 @@ void check_prompts(const std::vector<TokenIds>& prompts, int chunk_size, int64_t
   }
 }
 
-// The most positions the cache can reach: the padded prompt plus one per step of the row that can
-// run longest (each row stops after max_new_tokens or when its own positions fill the context).
+// runtime/generator.py's cache_capacity: the padded prompt plus one position per step of the row that
+// can run longest (each row stops after max_new_tokens or when its own positions fill the context).
 size_t cache_capacity(const std::vector<TokenIds>& rows, size_t width, int chunk_size, int max_new_tokens,
                       int max_context) {
   const size_t steps_for_tokens = (static_cast<size_t>(max_new_tokens) + chunk_size - 1) / chunk_size;
@@ -154,85 +155,157 @@ std::vector<Chunk> sample_tokens(const std::vector<float>& logits, size_t vocab,
   return tokens;
 }
 
-// Appends a row's new chunk to its output, cut at max_new_tokens and (if asked) before eos, and
-// shows it to `on_step`. Returns whether the row is done: eos, the callback said stop, enough
-// tokens, or the context is full.
-bool accept_chunk(size_t row, const Chunk& chunk, int64_t position, const PackageManifest& m,
-                  const GeneratorParams& params, const StepCallback& on_step, TokenIds& output) {
-  bool done = false;
+}  // namespace
+
+struct Generator::Impl {
+  Impl(const Model& model, const std::vector<TokenIds>& prompts, const GeneratorParams& params);
+
+  // Appends a row's new chunk to its tokens, cut at max_new_tokens and (if asked) before eos, and
+  // sets the row's stop reason when it is done: eos, enough tokens, or its context is full.
+  TokenIds accept(size_t row, const Chunk& chunk);
+
+  // Members in the order of the checks, which the constructor runs as the Python runtime does.
+  const std::chrono::steady_clock::time_point began;  // the clock of `times`
+  const Model::Impl& model;
+  const GeneratorParams params;      // max_new_tokens checked
+  const TemperatureSampler sampler;  // temperature, method and candidates checked
+  std::vector<TokenIds> rows;        // the prompts, checked and filled to whole chunks
+  std::vector<RandomStream> rngs;    // one per row, from the checked streams
+  PaddedBatch batch;
+  StepState state;
+  TokenIds position;  // each row's last position so far
+  std::vector<TokenIds> tokens;
+  std::vector<std::string> reasons;
+  bool started = false;
+  std::vector<float> last;    // the step graph's last output: hidden states (CALM) or logits (AR)
+  std::vector<Chunk> chunks;  // the chunks the last step chose, fed to the backbone at the next
+  StepTimes times;
+};
+
+namespace {
+
+const GeneratorParams& checked(const GeneratorParams& params) {
+  check_params(params);
+  return params;
+}
+
+std::vector<TokenIds> checked_rows(const Model::Impl& model, const std::vector<TokenIds>& prompts) {
+  const PackageManifest& m = model.manifest;
+  check_prompts(prompts, m.chunk_size, m.eos_id, m.max_context);
+  std::vector<TokenIds> rows;
+  for (const TokenIds& prompt : prompts) rows.push_back(fill_to_chunks(prompt, m.chunk_size, m.eos_id));
+  return rows;
+}
+
+std::vector<RandomStream> random_streams(const GeneratorParams& params, size_t prompts) {
+  std::vector<uint64_t> streams = params.streams;
+  if (streams.empty())
+    for (size_t row = 0; row < prompts; ++row) streams.push_back(row);
+  if (streams.size() != prompts)
+    throw Error(std::to_string(streams.size()) + " random streams for " + std::to_string(prompts) +
+                " prompts; give one per prompt");
+  std::vector<RandomStream> rngs;
+  for (uint64_t stream : streams) rngs.emplace_back(params.seed, stream);
+  return rngs;
+}
+
+}  // namespace
+
+Generator::Impl::Impl(const Model& model_, const std::vector<TokenIds>& prompts, const GeneratorParams& params_)
+    : began(std::chrono::steady_clock::now()),
+      model(model_.impl()),
+      params(checked(params_)),
+      sampler(params.temperature, params.method, params.candidates),
+      rows(checked_rows(model, prompts)),
+      rngs(random_streams(params, prompts.size())),
+      batch(left_pad(rows, model.manifest.chunk_size, model.manifest.pad_id)),
+      state(model, rows.size(), cache_capacity(rows, batch.width, model.manifest.chunk_size, params.max_new_tokens,
+                                               model.manifest.max_context)),
+      position(rows.size()),
+      tokens(rows.size()),
+      reasons(rows.size()) {
+  for (size_t row = 0; row < rows.size(); ++row) position[row] = batch.position_ids[(row + 1) * batch.width - 1];
+}
+
+TokenIds Generator::Impl::accept(size_t row, const Chunk& chunk) {
+  const PackageManifest& m = model.manifest;
+  TokenIds& output = tokens[row];
   const size_t room = params.max_new_tokens - output.size();
   TokenIds kept(chunk.begin(), chunk.begin() + std::min(room, chunk.size()));
   const auto eos = std::find(kept.begin(), kept.end(), m.eos_id);
   if (params.stop_at_eos && eos != kept.end()) {
     kept.erase(eos, kept.end());
-    done = true;
+    reasons[row] = "eos";
   }
   output.insert(output.end(), kept.begin(), kept.end());
-  if (on_step && !kept.empty()) done = !on_step(row, kept) || done;
-  return done || output.size() >= static_cast<size_t>(params.max_new_tokens) || position + 1 >= m.max_context;
-}
-
-std::vector<TokenIds> run_loop(const Model::Impl& model, const std::vector<TokenIds>& prompts,
-                               const GeneratorParams& params, const StepCallback& on_step, StepTimes* times) {
-  const auto began = std::chrono::steady_clock::now();
-  const PackageManifest& m = model.manifest;
-  const int K = m.chunk_size;
-
-  check_params(params);
-  const TemperatureSampler sampler(params.temperature, params.method, params.candidates);
-  check_prompts(prompts, K, m.eos_id, m.max_context);
-  std::vector<uint64_t> streams = params.streams;
-  if (streams.empty())
-    for (size_t row = 0; row < prompts.size(); ++row) streams.push_back(row);
-  if (streams.size() != prompts.size())
-    throw Error(std::to_string(streams.size()) + " random streams for " + std::to_string(prompts.size()) +
-                " prompts; give one per prompt");
-  std::vector<RandomStream> rngs;
-  for (uint64_t stream : streams) rngs.emplace_back(params.seed, stream);
-
-  std::vector<TokenIds> rows;
-  for (const TokenIds& prompt : prompts) rows.push_back(fill_to_chunks(prompt, K, m.eos_id));
-  const PaddedBatch batch = left_pad(rows, K, m.pad_id);
-  const size_t batch_size = rows.size();
-  StepState state(model, batch_size,
-                  cache_capacity(rows, batch.width, K, params.max_new_tokens, m.max_context));
-  std::vector<float> last = state.start(batch.input_ids, batch.attention_mask, batch.position_ids);
-  TokenIds position(batch_size);
-  for (size_t row = 0; row < batch_size; ++row) position[row] = batch.position_ids[(row + 1) * batch.width - 1];
-
-  std::vector<TokenIds> outputs(batch_size);
-  std::vector<bool> done(batch_size, false);
-  while (true) {
-    const std::vector<Chunk> chunks = m.kind == "calm" ? sample_chunks(model, sampler, last, rngs, done)
-                                                       : sample_tokens(last, m.vocab_size, sampler.n(), rngs, done, m.pad_id);
-    for (size_t row = 0; row < batch_size; ++row)
-      if (!done[row])
-        done[row] = accept_chunk(row, chunks[row], position[row], m, params, on_step, outputs[row]);
-    if (times)
-      times->seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count());
-    if (std::all_of(done.begin(), done.end(), [](bool d) { return d; })) return outputs;
-
-    TokenIds step_ids;
-    for (size_t row = 0; row < batch_size; ++row) {
-      ++position[row];
-      const Chunk& next = done[row] ? Chunk(K, m.pad_id) : chunks[row];
-      step_ids.insert(step_ids.end(), next.begin(), next.end());
-    }
-    last = state.advance(step_ids, position);
+  if (reasons[row].empty()) {
+    if (output.size() >= static_cast<size_t>(params.max_new_tokens))
+      reasons[row] = "max_new_tokens";
+    else if (position[row] + 1 >= m.max_context)
+      reasons[row] = "context";
   }
+  return kept;
 }
 
-}  // namespace
+Generator::Generator(const Model& model, const std::vector<TokenIds>& prompts, const GeneratorParams& params)
+    : impl_(std::make_unique<Impl>(model, prompts, params)) {}
+Generator::~Generator() = default;
+Generator::Generator(Generator&&) noexcept = default;
+Generator& Generator::operator=(Generator&&) noexcept = default;
 
-std::vector<TokenIds> generate_tokens(const Model& model, const std::vector<TokenIds>& prompts,
-                                      const GeneratorParams& params, const StepCallback& on_step, StepTimes* times) {
+bool Generator::done() const {
+  return std::all_of(impl_->reasons.begin(), impl_->reasons.end(), [](const std::string& r) { return !r.empty(); });
+}
+
+void Generator::stop(size_t row, const std::string& reason) {
+  if (row >= impl_->reasons.size())
+    throw Error("row " + std::to_string(row) + " is not in this batch of " + std::to_string(impl_->reasons.size()));
+  impl_->reasons[row] = reason;
+}
+
+std::vector<TokenIds> Generator::step() {
+  Impl& g = *impl_;
+  if (done()) throw Error("the generation is finished: every row has stopped; make a new Generator");
+  const PackageManifest& m = g.model.manifest;
+  const size_t batch_size = g.rows.size();
+  std::vector<bool> finished(batch_size);
+  for (size_t row = 0; row < batch_size; ++row) finished[row] = !g.reasons[row].empty();
   try {
-    return run_loop(model.impl(), prompts, params, on_step, times);
+    if (!g.started) {
+      g.last = g.state.start(g.batch.input_ids, g.batch.attention_mask, g.batch.position_ids);
+      g.started = true;
+    } else {
+      TokenIds step_ids;
+      for (size_t row = 0; row < batch_size; ++row) {
+        ++g.position[row];
+        const Chunk& next = finished[row] ? Chunk(m.chunk_size, m.pad_id) : g.chunks[row];
+        step_ids.insert(step_ids.end(), next.begin(), next.end());
+      }
+      g.last = g.state.advance(step_ids, g.position);
+    }
+    g.chunks = m.kind == "calm" ? sample_chunks(g.model, g.sampler, g.last, g.rngs, finished)
+                                : sample_tokens(g.last, m.vocab_size, g.sampler.n(), g.rngs, finished, m.pad_id);
   } catch (const Ort::Exception& e) {
     // A graph that loads but fails to run does not take the inputs this package format defines.
-    throw Error("ONNX Runtime failed to run a graph of " + model.impl().path + " (" + e.what() +
+    throw Error("ONNX Runtime failed to run a graph of " + g.model.path + " (" + e.what() +
                 "); the package does not match this calm-edge's format, re-export it");
   }
+  std::vector<TokenIds> new_ids(batch_size);
+  for (size_t row = 0; row < batch_size; ++row)
+    if (!finished[row]) new_ids[row] = g.accept(row, g.chunks[row]);
+  g.times.seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - g.began).count());
+  return new_ids;
+}
+
+const std::vector<TokenIds>& Generator::tokens() const { return impl_->tokens; }
+const std::vector<std::string>& Generator::stop_reasons() const { return impl_->reasons; }
+const StepTimes& Generator::times() const { return impl_->times; }
+
+std::vector<TokenIds> generate_tokens(const Model& model, const std::vector<TokenIds>& prompts,
+                                      const GeneratorParams& params) {
+  Generator generator(model, prompts, params);
+  while (!generator.done()) generator.step();
+  return generator.tokens();
 }
 
 }  // namespace calm_edge

@@ -14,10 +14,10 @@
 
 namespace calm_edge {
 
-class KeyValueCache {
+class KVCache {
  public:
   // `tensors` cache tensors (2 per layer), each holding up to `capacity` positions.
-  KeyValueCache(size_t tensors, size_t batch, size_t kv_heads, size_t head_dim, size_t capacity);
+  KVCache(size_t tensors, size_t batch, size_t kv_heads, size_t head_dim, size_t capacity);
 
   size_t length() const { return length_; }  // positions held now
 

@@ -29,7 +29,7 @@ class StepState {
   size_t first_output_width_;       // hidden size (CALM) or vocabulary size (AR)
   TokenIds mask_;                   // [batch, mask_width_], row-major
   size_t mask_width_ = 0;
-  KeyValueCache cache_;
+  KVCache cache_;
   std::vector<float> first_output_;  // hidden [batch, S, hidden] or logits [batch, vocab], allocated once
 };
 

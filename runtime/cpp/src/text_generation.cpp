@@ -1,7 +1,7 @@
-// Text in, text out over generate_tokens, as runtime/text_generation.py: each row's tokens are
-// decoded incrementally; a piece of text is released once printable (an incomplete UTF-8
-// character, which decodes to U+FFFD, is held back until its last byte arrives); a stop sequence
-// cuts the text before it and stops the row.
+// Text in, text out over a Generator, as runtime/text_generation.py: each row's tokens are decoded
+// incrementally; a piece of text is released once printable (an incomplete UTF-8 character, which
+// decodes to U+FFFD, is held back until its last byte arrives); a stop sequence cuts the text
+// before it and stops the row.
 #include <algorithm>
 
 #include "calm_edge.hpp"
@@ -61,53 +61,46 @@ std::vector<TokenIds> encode_prompts(const Model& model, const std::vector<std::
   return encoded;
 }
 
-size_t chunks_for(size_t tokens, int chunk_size) { return (tokens + chunk_size - 1) / chunk_size; }
+// Runs `generator` to the end, feeding each row's new tokens to its tracker (and each printable
+// piece to `on_text`), and stopping a row whose stop sequence completed.
+void run(Generator& generator, std::vector<TextTracker>& trackers, const TextCallback& on_text = nullptr) {
+  while (!generator.done()) {
+    const std::vector<TokenIds> new_ids = generator.step();
+    for (size_t row = 0; row < new_ids.size(); ++row) {
+      if (new_ids[row].empty()) continue;
+      const std::string piece = trackers[row].add(new_ids[row]);
+      if (on_text && !piece.empty()) on_text(piece);
+      if (trackers[row].stopped()) generator.stop(row, "stop_sequence");
+    }
+  }
+}
 
-GenerationResult make_result(const Model& model, const GeneratorParams& params, const std::string& prompt,
-                             const TokenIds& prompt_ids, const TokenIds& ids, const TextTracker& tracker) {
-  GenerationResult result{prompt, tracker.empty() ? "" : tracker.text(), ids, ""};
-  const bool context_full = chunks_for(prompt_ids.size(), model.chunk_size()) + chunks_for(ids.size(), model.chunk_size()) >=
-                            static_cast<size_t>(model.max_context());
-  if (tracker.stopped())
-    result.stopped_by = "stop_sequence";
-  else if (ids.size() >= static_cast<size_t>(params.max_new_tokens))
-    result.stopped_by = "max_new_tokens";
-  else if (params.stop_at_eos && !context_full)
-    result.stopped_by = "eos";
-  else
-    result.stopped_by = "context";
-  return result;
+GenerationResult make_result(const std::string& prompt, const Generator& generator, size_t row,
+                             const TextTracker& tracker) {
+  return GenerationResult{prompt, tracker.empty() ? "" : tracker.text(), generator.tokens()[row],
+                          generator.stop_reasons()[row]};
 }
 
 }  // namespace
 
 std::vector<GenerationResult> generate(const Model& model, const std::vector<std::string>& prompts,
                                        const GeneratorParams& params) {
-  const std::vector<TokenIds> encoded = encode_prompts(model, prompts);
+  Generator generator(model, encode_prompts(model, prompts), params);
   std::vector<TextTracker> trackers;
   for (size_t row = 0; row < prompts.size(); ++row) trackers.emplace_back(model.tokenizer(), params.stop_sequences);
-  auto on_step = [&](size_t row, const TokenIds& new_ids) {
-    trackers[row].add(new_ids);
-    return !trackers[row].stopped();
-  };
-  const std::vector<TokenIds> outputs = generate_tokens(model, encoded, params, on_step);
+  run(generator, trackers);
   std::vector<GenerationResult> results;
-  for (size_t row = 0; row < prompts.size(); ++row)
-    results.push_back(make_result(model, params, prompts[row], encoded[row], outputs[row], trackers[row]));
+  for (size_t row = 0; row < prompts.size(); ++row) results.push_back(make_result(prompts[row], generator, row, trackers[row]));
   return results;
 }
 
 GenerationResult generate(const Model& model, const std::string& prompt, const GeneratorParams& params,
                           const TextCallback& on_text) {
-  const std::vector<TokenIds> encoded = encode_prompts(model, {prompt});
-  TextTracker tracker(model.tokenizer(), params.stop_sequences);
-  auto on_step = [&](size_t, const TokenIds& new_ids) {
-    const std::string piece = tracker.add(new_ids);
-    if (on_text && !piece.empty()) on_text(piece);
-    return !tracker.stopped();
-  };
-  const std::vector<TokenIds> outputs = generate_tokens(model, encoded, params, on_step);
-  return make_result(model, params, prompt, encoded[0], outputs[0], tracker);
+  Generator generator(model, encode_prompts(model, {prompt}), params);
+  std::vector<TextTracker> trackers;
+  trackers.emplace_back(model.tokenizer(), params.stop_sequences);
+  run(generator, trackers, on_text);
+  return make_result(prompt, generator, 0, trackers[0]);
 }
 
 }  // namespace calm_edge
