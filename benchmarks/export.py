@@ -29,34 +29,33 @@ REPO = Path(__file__).resolve().parent.parent
 def bench_run(run, out_dir, threads, reuse):
     started = time.perf_counter()
     if reuse and (Path(out_dir) / package.MANIFEST_FILE).is_file():
-        manifest = package.read_manifest(out_dir)  # exported (and validated) earlier from the same run
+        manifest = package.Manifest.read(out_dir)  # exported (and validated) earlier from the same run
     else:
         manifest = export_package(run, out_dir, force=True, progress=True)
-    seconds = manifest["validation"].get("export_seconds", time.perf_counter() - started)
-    section = manifest["model"]
+    seconds = manifest.validation.get("export_seconds", time.perf_counter() - started)
     result = {
         "run": str(run),
         "package": str(out_dir),
-        "kind": manifest["kind"],
+        "kind": manifest.kind,
         "export_and_validate_seconds": round(seconds, 1),
-        "graph_bytes": {name: g["bytes"] for name, g in manifest["graphs"].items()},
+        "graph_bytes": {name: g.bytes for name, g in manifest.graphs.items()},
         # Per graph, case (random / real inputs) and output: max_abs_diff (floats) or mismatches (token ids).
-        "parity": {"graphs": manifest["validation"]["graphs"], "end_to_end": manifest["validation"]["end_to_end"]},
+        "parity": {"graphs": manifest.validation["graphs"], "end_to_end": manifest.validation["end_to_end"]},
     }
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
-        for name, graph in manifest["graphs"].items():
-            paths[name] = Path(out_dir) / graph["file"]
+        for name in manifest.graphs:
+            paths[name] = manifest.graph_path(name)
             if name in optimize.FUSABLE_GRAPHS:
                 fused_path = Path(tmp) / f"{name}.fused.onnx"
-                result["fused_operators"] = optimize.optimize_graph(paths[name], fused_path, section["num_heads"],
-                                                                    section["hidden_size"])
+                result["fused_operators"] = optimize.optimize_graph(paths[name], fused_path, manifest.num_heads,
+                                                                    manifest.hidden_size)
                 paths[f"{name} (fused)"] = fused_path
-        timings = optimize.time_graphs(paths, section, threads=threads)
-    step = "ar" if manifest["kind"] == "ar" else "backbone"
+        timings = optimize.time_graphs(paths, manifest.model_section, threads=threads)
+    step = manifest.step_graph
     result["decode_step_ms"] = timings
     result["fused_over_exported"] = round(timings[f"{step} (fused)"]["median_ms"] / timings[step]["median_ms"], 3)
-    print(f"{manifest['kind']}: {json.dumps(timings)}")
+    print(f"{manifest.kind}: {json.dumps(timings)}")
     return result
 
 

@@ -102,12 +102,12 @@ def main():
 
     import onnxruntime
 
-    from calm_edge.runtime.package import read_manifest
+    from calm_edge.runtime.package import Manifest
 
     program = Path(args.program)
     if not program.is_file():
         sys.exit(f"{program} not found; build it with runtime/cpp/build.sh or pass --program")
-    manifest = read_manifest(args.package)
+    manifest = Manifest.read(args.package)
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
 
     measured = {"python": [], "cpp": []}
@@ -119,16 +119,16 @@ def main():
         tokens["cpp"], runs = cpp_runs(program, args.package, args.prompt, settings, args.repeats, args.threads)
         measured["cpp"].extend(runs[1:])
 
-    K = manifest["model"]["chunk_size"]
+    K = manifest.chunk_size
     python, cpp = summarize(measured["python"], K), summarize(measured["cpp"], K)
     result = {
         "what": "per-step latency, C++ runtime vs Python runtime, same package and machine, taking turns",
         "command": [sys.executable, *sys.argv],
         "package": str(args.package),
-        "kind": manifest["kind"],
+        "kind": manifest.kind,
         "chunk_size": K,
-        "quantization": manifest.get("quantization", {}).get("mode"),
-        "provenance": {k: manifest.get("provenance", {}).get(k) for k in ("checkpoint", "step", "parameters")},
+        "quantization": manifest.quantization_mode,
+        "provenance": {k: manifest.provenance.get(k) for k in ("checkpoint", "step", "parameters")},
         "settings": {**settings, "prompt": args.prompt, "threads": args.threads, "rounds": args.rounds,
                      "repeats": args.repeats, "stop_at_eos": False, "warmup_runs_per_turn": 1},
         "python": python,

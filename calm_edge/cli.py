@@ -535,12 +535,13 @@ def export_command(ctx, calm_dir, ar_dir, out, force, seed, out_format, optimize
         return
     manifest = export_package(calm_dir or ar_dir, out, force=force, kind="calm" if calm_dir else "ar", seed=seed,
                               progress=_progress(ctx), optimize=optimize, fused_attention=fused_attention)
-    validation = manifest["validation"]
-    worst = max((r.get("max_abs_diff", 0.0) for cases in validation["graphs"].values()
+    worst = max((r.get("max_abs_diff", 0.0) for cases in manifest.validation["graphs"].values()
                  for outputs in cases.values() for r in outputs.values()), default=0.0)
-    sizes = ", ".join(f"{name} {g['bytes'] / 1e6:.1f} MB" for name, g in manifest["graphs"].items())
-    click.echo(f"exported {manifest['kind']} package -> {out} ({sizes}); largest graph difference {worst:.2e}, "
-               f"generation identical to PyTorch at T=1 and T=1/2")
+    sizes = ", ".join(f"{name} {g.bytes / 1e6:.1f} MB" for name, g in manifest.graphs.items())
+    ties = sum(len(run["sampling_ties"]) for run in manifest.validation["end_to_end"].values())
+    same = "generation identical to PyTorch at T=1 and T=1/2" + (
+        f" but for {ties} sampling tie(s) within float rounding (see the manifest's validation)" if ties else "")
+    click.echo(f"exported {manifest.kind} package -> {out} ({sizes}); largest graph difference {worst:.2e}, {same}")
 
 
 # ----- quantization ---------------------------------------------------------------------------
@@ -576,10 +577,9 @@ def quantize_command(ctx, package_dir, mode, out, keep_fp32, calibration_data, c
     manifest = quantize_package(package_dir, out, mode, keep_fp32=keep_fp32, calibration_data=calibration_data,
                                 calibration_windows=calibration_windows, text_field=text_field, force=force, seed=seed,
                                 progress=_progress(ctx))
-    sizes = ", ".join(f"{name} {manifest['quantization']['graphs'][name]} {g['bytes'] / 1e6:.2f} MB"
-                      for name, g in manifest["graphs"].items())
-    generation = manifest["validation"]["generation"]
-    click.echo(f"quantized {manifest['kind']} package -> {out} ({sizes}); generation: "
+    sizes = ", ".join(f"{name} {manifest.graph_modes[name]} {g.bytes / 1e6:.2f} MB" for name, g in manifest.graphs.items())
+    generation = manifest.validation["generation"]
+    click.echo(f"quantized {manifest.kind} package -> {out} ({sizes}); generation: "
                f"{generation['identical_tokens']} of {generation['tokens']} tokens identical to fp32")
 
 

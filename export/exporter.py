@@ -76,5 +76,5 @@ def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_t
         report["export_seconds"] = round(time.perf_counter() - started, 2)
         report["graph_optimisation"] = {"applied": bool(optimize), "fused_operators": fused,
                                         "fused_attention": bool(fused_attention)}
-        manifest = package.write_manifest(tmp, kind, section, provenance(saved), validation=report)
-    return manifest
+        package.write_manifest(tmp, kind, section, provenance(saved), validation=report)
+    return package.Manifest.read(out, verify=False)

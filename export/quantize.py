@@ -147,9 +147,9 @@ def quantize_package(source, out, mode, keep_fp32=(), calibration_data=(), calib
         package.write_manifest(tmp, manifest.kind, manifest.model_section, manifest.provenance, quantization)
         validation = _validate(fp32, tmp, validation_feeds, modes, described, seed)
         validation["quantize_seconds"] = round(time.perf_counter() - started, 2)
-        result = package.write_manifest(tmp, manifest.kind, manifest.model_section, manifest.provenance, quantization,
+        package.write_manifest(tmp, manifest.kind, manifest.model_section, manifest.provenance, quantization,
                                         validation=validation)
-    return result
+    return package.Manifest.read(out, verify=False)
 
 
 def _validate(fp32, folder, feeds, modes, described, seed):

@@ -172,6 +172,11 @@ class Generator:
         self._step_ends, self._prefill_seconds, self._graphs_at_first = [], 0.0, {}
 
     @property
+    def last_output(self):
+        """The step graph's output at the latest step: each row's hidden state [B, H] (CALM) or logits [B, V] (AR)."""
+        return self._last
+
+    @property
     def done(self):
         """Whether every row has stopped."""
         return all(reason is not None for reason in self.stop_reasons)

@@ -18,6 +18,10 @@ class StepState:
 
     def __init__(self, model, batch, capacity):
         self.model = model
+        manifest = model.manifest
+        # Looked up once: a step of a small model takes a few hundred microseconds.
+        self.step_graph, self.session = manifest.step_graph, model.sessions[manifest.step_graph]
+        self.output_name, self.output_width, self.is_ar = manifest.step_output, manifest.step_output_width, model.kind == "ar"
         self.mask = None
         self.cache = KVCache(model.ort, model.manifest.past_names, model.manifest.present_names, batch=batch,
                              kv_heads=model.manifest.num_kv_heads, head_dim=model.manifest.head_dim, capacity=capacity,
@@ -25,8 +29,7 @@ class StepState:
         self.timings = {name: 0.0 for name in model.sessions}
 
     def _run(self, input_ids, position_ids):
-        model, manifest = self.model, self.model.manifest
-        session = model.sessions[manifest.step_graph]
+        session = self.session
         binding = session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask, np.int64))
@@ -34,14 +37,13 @@ class StepState:
         # The step's result goes straight into a host array: reading it back through
         # get_outputs() would wrap every bound output, the cache included, each step.
         batch, new_positions = position_ids.shape
-        width = manifest.step_output_width
-        shape = (batch, width) if manifest.kind == "ar" else (batch, new_positions, width)
-        last = np.empty(shape, model.step_output_dtype)
-        binding.bind_output(manifest.step_output, "cpu", 0, last.dtype, list(shape), last.ctypes.data)
+        shape = (batch, self.output_width) if self.is_ar else (batch, new_positions, self.output_width)
+        last = np.empty(shape, self.model.step_output_dtype)
+        binding.bind_output(self.output_name, "cpu", 0, last.dtype, list(shape), last.ctypes.data)
         total = self.cache.bind(binding, new_positions)
         began = time.perf_counter()
         session.run_with_iobinding(binding)
-        self.timings[manifest.step_graph] += time.perf_counter() - began
+        self.timings[self.step_graph] += time.perf_counter() - began
         self.cache.commit(total)
         return last[:, -1] if last.ndim == 3 else last
 

@@ -46,3 +46,18 @@ def test_the_readme_commands_run_on_the_committed_packages(tmp_path):
     report = json.loads(out.read_text())
     assert report["kind"] == "ar" and report["quantization"] == "int4"
     assert report["by_offset"]["0"]["positions"]["1"] == 32
+
+
+def test_the_readme_python_example_runs_on_the_committed_packages(tmp_path, monkeypatch):
+    """The code block of README's "The Python runtime", run as it stands (one generation shortened)."""
+    readme = (MODELS.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## The Python runtime\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'Model("models/calm-small-int4"' in code and "generator.step()" in code
+    monkeypatch.chdir(MODELS.parent)
+    printed = []
+    namespace = {"print": lambda *args, **kwargs: printed.append(args)}
+    exec(compile(code.replace("max_new_tokens=64", "max_new_tokens=24"), "README.md", "exec"), namespace)
+    generator = namespace["generator"]
+    assert generator.done and generator.stop_reasons[0] in ("two sentences", "eos", "max_new_tokens", "context")
+    assert printed[-1][0] == generator.tokens[0] and printed[-1][2].new_tokens == len(generator.tokens[0])

@@ -2,7 +2,6 @@
 import json
 import threading
 
-import numpy as np
 import pytest
 
 from calm_edge.errors import CalmEdgeError
@@ -10,7 +9,7 @@ from calm_edge.export.exporter import export_package
 from calm_edge.export.reference import generate as reference_generate
 from calm_edge.runtime import package
 from calm_edge.runtime.generator import GeneratorParams, generate_tokens
-from calm_edge.runtime.model import Model, available_providers, session_providers, tensorrt_options
+from calm_edge.runtime.model import Model, available_providers, tensorrt_options
 from calm_edge.runtime.text_generation import generate, stream
 from calm_edge.training.language_models import load_language_model
 

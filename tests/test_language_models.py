@@ -5,7 +5,7 @@ import pytest
 
 from conftest import tiny_lm_config
 from calm_edge.errors import CalmEdgeError, ConfigError
-from calm_edge.evaluation.language_model import evaluate_brierlm, evaluate_checkpoint
+from calm_edge.evaluation.language_model import evaluate_checkpoint
 from calm_edge.evaluation.settings import EvalSettings, eval_positions
 from calm_edge.export.reference import generate
 from calm_edge.runtime.generator import GeneratorParams, fill_to_chunks

@@ -12,7 +12,6 @@ import ast
 import re
 import shutil
 import sys
-from pathlib import Path
 
 from conftest import REPO
 
@@ -182,3 +181,18 @@ def test_the_runtime_reaches_only_the_base_and_itself():
         todo += [t for _, _, t in imports_of(modules[current], current, modules) if t]
     assert {layer_of(m) for m in seen} == {"base", "runtime"}
     assert not any(m == MODELS or m.startswith(MODELS + ".") for m in seen)
+
+
+def test_the_layout_table_and_setup_py_match_the_tree():
+    section = README.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    first_cells = [line.strip("|").split("|")[0] for line in section.splitlines() if line.startswith("| `")]
+    named = {path.rstrip("/") for cell in first_cells for path in re.findall(r"`([\w/.]+)`", cell)}
+    for folder in named:
+        assert (REPO / folder).exists(), f"README's Layout names {folder}, which is not in the tree"
+    tops = {p.name for p in REPO.iterdir() if p.is_dir() and not p.name.startswith(".") and any(p.glob("*.py"))}
+    assert tops <= named, f"folders with code that README's Layout does not name: {sorted(tops - named)}"
+    # Every package in the stage folders is installed (setup.py's list), and nothing else is.
+    setup = (REPO / "setup.py").read_text(encoding="utf-8")
+    listed = set(re.findall(r'^\s+"(calm_edge[\w.]*)",$', setup, re.M))
+    found = {module for module, path in project_modules(REPO).items() if path.name == "__init__.py"}
+    assert listed == found

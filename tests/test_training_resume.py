@@ -1,6 +1,5 @@
 """The shared trainer's checkpoints: a SIGKILLed run resumes exactly; bad folders give clear errors."""
 import json
-import os
 import signal
 import subprocess
 import sys

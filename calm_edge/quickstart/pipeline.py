@@ -281,7 +281,7 @@ def _export(kind):
         with _torch_threads(run):
             manifest = export_package(run.path(kind), ctx.folder, force=True, kind=kind, seed=run.settings.seed,
                                       progress=ctx.progress)
-        return f"{sum(g['bytes'] for g in manifest['graphs'].values()) / 1e6:.2f} MB of graphs"
+        return f"{manifest.total_graph_bytes / 1e6:.2f} MB of graphs"
     return export
 
 
@@ -289,7 +289,7 @@ def _quantize(run, ctx):
     manifest = quantize_package(run.path("packages", "calm"), ctx.folder, run.settings.quantization, force=True,
                                 calibration_data=[run.path("shards")], seed=run.settings.seed,
                                 progress=ctx.progress)
-    return f"{sum(g['bytes'] for g in manifest['graphs'].values()) / 1e6:.2f} MB of graphs"
+    return f"{manifest.total_graph_bytes / 1e6:.2f} MB of graphs"
 
 
 def _evaluate(run, ctx):

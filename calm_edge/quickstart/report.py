@@ -17,6 +17,7 @@ from pathlib import Path
 
 from calm_edge.fileio import write_bytes_atomic, write_json_atomic
 from calm_edge.quickstart.stages import TIMINGS_FILE
+from calm_edge.runtime.package import MANIFEST_FILE, Manifest
 
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "summary.png"
@@ -44,15 +45,15 @@ def collect(run, results):
     timings = _read(out / TIMINGS_FILE) or {}
     packages = {}
     for name in run.package_names:
-        manifest = _read(out / "packages" / name / "manifest.json")
-        if manifest is None:
+        if not (out / "packages" / name / MANIFEST_FILE).is_file():
             continue
+        manifest = Manifest.read(out / "packages" / name, verify=False)
         evaluation = _read(out / "eval" / f"{name}.json") or {}
         speed = benchmark.get("packages", {}).get(name, {})
         packages[name] = {
             "path": str(out / "packages" / name),
-            "kind": manifest["kind"],
-            "quantization": manifest["quantization"]["mode"],
+            "kind": manifest.kind,
+            "quantization": manifest.quantization_mode,
             "bytes": _package_bytes(out / "packages" / name),
             "brierlm": evaluation.get("brierlm"),
             "brier": {f"brier_{n}": evaluation.get(f"brier_{n}") for n in (1, 2, 3, 4)} if evaluation else None,
