@@ -360,6 +360,32 @@ def train_ar_command(ctx, data, out, tokenizer_dir, resume, force, preset, confi
                               progress=_progress(ctx)))
 
 
+# ----- import ---------------------------------------------------------------------------------
+
+
+@main.command("import")
+@click.option("--calm", "calm_source", required=True, metavar="PATH_OR_ID",
+              help="The released CALM model: its downloaded folder, or a Hugging Face id (cccczshao/CALM-M).")
+@click.option("--autoencoder", default=None, metavar="PATH_OR_ID",
+              help="Its autoencoder: folder or id (cccczshao/CALM-Autoencoder); default: the config's ae_path, "
+                   "if that folder exists here.")
+@click.option("--tokenizer", default=None, metavar="PATH_OR_ID",
+              help="The Llama-3 tokenizer folder (default: the CALM folder's own tokenizer.json).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+def import_command(calm_source, autoencoder, tokenizer, out, force):
+    """Import a released CALM model (CALM-M, -L, -XL) and its autoencoder as a calm-edge run.
+
+    Example: calm-edge import --calm downloads/CALM-M --autoencoder downloads/CALM-Autoencoder
+    --tokenizer ../shared/data/llama3-tokenizer --out runs/calm-m
+    """
+    from calm_edge.training.official import import_official
+
+    summary = import_official(calm_source, autoencoder, tokenizer, out=out, force=force)
+    click.echo(f"imported CALM ({summary['parameters']:,} parameters, autoencoder "
+               f"{summary['autoencoder_parameters']:,}) -> {summary['checkpoint']}")
+
+
 # ----- evaluation ----------------------------------------------------------------------------
 
 

@@ -27,10 +27,18 @@ from calm_edge.errors import ConfigError
 from calm_edge.fileio import write_bytes_atomic
 
 
+TOKENIZER_KINDS = ("sentencepiece", "hf-bpe")
+ARCHITECTURES = ("calm-edge", "official")
+PROMPT_FILLS = ("left-eos", "right-pad")
+
+
 @dataclass
 class TokenizerConfig:
-    """A SentencePiece BPE model with byte fallback: no text is ever lost or mapped to unk."""
+    """The tokenizer: calm-edge's SentencePiece BPE with byte fallback (no text is ever lost or mapped
+    to unk), or a Hugging Face byte-level BPE (`tokenizer.json`, as the Llama-3 tokenizer of the
+    released CALM models: kind "hf-bpe", special ids of its own, bos prepended to every text)."""
 
+    kind: str = "sentencepiece"
     vocab_size: int = 8192
     character_coverage: float = 0.9995  # characters outside it are spelled as UTF-8 bytes
     max_sentences: int = 1_000_000  # lines sampled for training when the corpus has more
@@ -38,11 +46,12 @@ class TokenizerConfig:
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
-    unk_id: int = 3
+    unk_id: int = 3  # -1: the tokenizer has none (byte-level BPE never needs one)
 
     @property
     def reserved_ids(self):
-        return {"pad": self.pad_id, "bos": self.bos_id, "eos": self.eos_id, "unk": self.unk_id}
+        ids = {"pad": self.pad_id, "bos": self.bos_id, "eos": self.eos_id, "unk": self.unk_id}
+        return {name: i for name, i in ids.items() if i >= 0}
 
     @property
     def min_vocab_size(self):
@@ -60,6 +69,9 @@ class AutoencoderConfig:
     intermediate_size: int = 1024  # width of the residual MLP layers
     num_encoder_layers: int = 2  # residual MLP layers on each side of the chunk projection
     num_decoder_layers: int = 2
+    # Biases in the chunk projections (compress K token states into one, expand it back): the
+    # released CALM autoencoder has them (its squeeze_layer and expand_layer), calm-edge's own not.
+    projection_bias: bool = False
     # Robustness, part of the method: a variational posterior whose per-dimension KL is clamped
     # and weighted, dropout on the sampled latent, and masked input tokens during training.
     kl_clamp: float = 0.5
@@ -93,6 +105,13 @@ class CalmConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     noise_size: int = 64  # uniform noise the energy head refines into a latent
     energy_head_layers: int = 4
+    # The structure of the input projection and of the energy head: calm-edge's own, or that of the
+    # released CALM models (README: The model's two structures; calm_edge/models/calm.py).
+    input_projection: str = "calm-edge"
+    energy_head: str = "calm-edge"
+    # How a prompt is filled to a whole number of chunks: eos ids on the left (calm-edge's models),
+    # or pad ids on the right, inside the last chunk (the released models' `generate`).
+    prompt_fill: str = "left-eos"
     num_model_samples: int = 8  # N samples from the head per position for the energy score
     num_target_samples: int = 100  # M samples from the autoencoder posterior of the target
     energy_beta: float = 1.0  # distance exponent of the energy score
@@ -143,16 +162,26 @@ class Config:
     def validate(self):
         """Check values that each make sense alone but not together. Returns self."""
         tok, ae = self.tokenizer, self.autoencoder
-        if tok.vocab_size < tok.min_vocab_size:
-            raise ConfigError(
-                f"tokenizer.vocab_size={tok.vocab_size} is too small: the 4 reserved ids and 256 byte "
-                f"pieces need at least {tok.min_vocab_size}; set tokenizer.vocab_size (--vocab-size) to {tok.min_vocab_size} or more"
-            )
-        if sorted(tok.reserved_ids.values()) != list(range(4)):
-            raise ConfigError(
-                f"tokenizer reserved ids {tok.reserved_ids} must be 0, 1, 2, 3 in some order "
-                "(byte pieces start right after them)"
-            )
+        for key, value, choices in (("tokenizer.kind", tok.kind, TOKENIZER_KINDS),
+                                    ("calm.input_projection", self.calm.input_projection, ARCHITECTURES),
+                                    ("calm.energy_head", self.calm.energy_head, ARCHITECTURES),
+                                    ("calm.prompt_fill", self.calm.prompt_fill, PROMPT_FILLS)):
+            if value not in choices:
+                raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
+        if tok.kind == "sentencepiece":
+            if tok.vocab_size < tok.min_vocab_size:
+                raise ConfigError(
+                    f"tokenizer.vocab_size={tok.vocab_size} is too small: the 4 reserved ids and 256 byte "
+                    f"pieces need at least {tok.min_vocab_size}; set tokenizer.vocab_size (--vocab-size) to {tok.min_vocab_size} or more"
+                )
+            if sorted(tok.reserved_ids.values()) != list(range(4)):
+                raise ConfigError(
+                    f"tokenizer reserved ids {tok.reserved_ids} must be 0, 1, 2, 3 in some order "
+                    "(byte pieces start right after them)"
+                )
+        for name in ("pad_id", "bos_id", "eos_id"):
+            if not 0 <= getattr(tok, name) < tok.vocab_size:
+                raise ConfigError(f"tokenizer.{name}={getattr(tok, name)} is outside the vocabulary of {tok.vocab_size}")
         if ae.chunk_size < 1:
             raise ConfigError(f"autoencoder.chunk_size={ae.chunk_size} must be at least 1")
         for name in ("latent_dropout", "token_mask_prob"):

@@ -36,14 +36,38 @@ def backbone_flops(bb, context):
 
 
 def energy_head_weights(config: Config):
-    hidden, calm = config.calm.backbone.hidden_size, config.calm
+    """Matrix weights of the energy head, of either structure (calm_edge/models/calm.py)."""
+    hidden, calm, latent = config.calm.backbone.hidden_size, config.calm, config.autoencoder.latent_size
+    if calm.energy_head == "official":
+        # noise and hidden embeddings; per block a 2H -> H -> H -> 2H MLP and the H -> H down projection;
+        # the final H -> H -> latent layer.
+        block = 2 * hidden * hidden + hidden * hidden + hidden * 2 * hidden + hidden * hidden
+        return calm.noise_size * hidden + hidden * hidden + calm.energy_head_layers * block + hidden * hidden + hidden * latent
     block = 2 * hidden * hidden + 3 * hidden * 2 * hidden
-    return calm.noise_size * hidden + calm.energy_head_layers * block + hidden * config.autoencoder.latent_size
+    return calm.noise_size * hidden + calm.energy_head_layers * block + hidden * latent
+
+
+def energy_head_vectors(config: Config):
+    """Biases and norm weights of the energy head."""
+    hidden, calm, latent = config.calm.backbone.hidden_size, config.calm, config.autoencoder.latent_size
+    if calm.energy_head == "official":
+        # biases of every linear; two LayerNorms (weight and bias) up front, one per block and one at the end
+        block = hidden + hidden + 2 * hidden + hidden + 2 * hidden
+        return 2 * hidden + 4 * hidden + calm.energy_head_layers * block + hidden + latent + 2 * hidden
+    return hidden + latent + (calm.energy_head_layers + 1) * hidden  # two biases, the norms
 
 
 def input_mlp_weights(config: Config):
+    hidden, K = config.calm.backbone.hidden_size, config.autoencoder.chunk_size
+    if config.calm.input_projection == "official":
+        return K * hidden * 2 * hidden + 2 * hidden * hidden
+    return K * hidden * hidden + hidden * hidden
+
+
+def input_mlp_vectors(config: Config):
+    """Biases (and the official projection's LayerNorm) of the input MLP."""
     hidden = config.calm.backbone.hidden_size
-    return config.autoencoder.chunk_size * hidden * hidden + hidden * hidden
+    return 2 * hidden + hidden + 2 * hidden if config.calm.input_projection == "official" else 2 * hidden
 
 
 def _ae_mlp_layer(ae):
@@ -70,11 +94,12 @@ def ae_decoder_flops(config: Config):
 def autoencoder_parameters(config: Config):
     ae, K, vocab = config.autoencoder, config.autoencoder.chunk_size, config.tokenizer.vocab_size
     mlp = _ae_mlp_layer(ae) + ae.hidden_size  # + its norm
+    biases = (ae.hidden_size + K * ae.hidden_size) if ae.projection_bias else 0  # compress and expand
     return (vocab * ae.hidden_size
             + (ae.num_encoder_layers * 2) * mlp + K * ae.hidden_size * ae.hidden_size + ae.hidden_size
             + ae.hidden_size * 2 * ae.latent_size + 2 * ae.latent_size
             + ae.latent_size * ae.hidden_size + ae.hidden_size
-            + (ae.num_decoder_layers * 2) * mlp + ae.hidden_size * K * ae.hidden_size + ae.hidden_size)
+            + (ae.num_decoder_layers * 2) * mlp + ae.hidden_size * K * ae.hidden_size + ae.hidden_size + biases)
 
 
 def _backbone_parameters(bb):
@@ -85,9 +110,8 @@ def calm_parameters(config: Config):
     """Trainable parameters of the CALM model (the frozen autoencoder not included)."""
     hidden, calm = config.calm.backbone.hidden_size, config.calm
     embeddings = config.tokenizer.vocab_size * hidden
-    input_mlp = input_mlp_weights(config) + 2 * hidden  # + biases
-    head = energy_head_weights(config) + hidden + config.autoencoder.latent_size  # + biases
-    head += (calm.energy_head_layers + 1) * hidden  # norms
+    input_mlp = input_mlp_weights(config) + input_mlp_vectors(config)
+    head = energy_head_weights(config) + energy_head_vectors(config)
     return embeddings + input_mlp + _backbone_parameters(calm.backbone) + head
 
 

@@ -8,7 +8,8 @@ Each path is either
   "valid"); its tokenizer must be the model's, which the sha256 in index.json proves; or
 - anything `calm_edge.corpus.iter_documents` reads (.txt, .jsonl[.gz|.xz], a folder of them,
   demo:bible): each document, optionally detokenized (see calm_edge.wikitext), is encoded with
-  the model's tokenizer and followed by an eos id, exactly as `data prepare` does.
+  the model's tokenizer as the model was trained on documents (`encode_documents`): calm-edge's
+  followed by an eos id, exactly as `data prepare` does; the released models' bos first.
 
 The tokens of all paths are concatenated in order. The returned description says what was read
 and in which text form, so results can state it.
@@ -77,7 +78,7 @@ def _shard_tokens(folder, tokenizer, split):
 
 def _text_tokens(source, tokenizer, text_field, transform, progress):
     texts = [transform(d.text) for d in iter_documents([source], text_field=text_field, progress=progress)]
-    encoded = tokenizer.encode_batch(texts) if texts else []
-    pieces = [np.asarray(ids + [tokenizer.eos_id], dtype=np.int64) for ids in encoded]
+    encoded = tokenizer.encode_documents(texts) if texts else []
+    pieces = [np.asarray(ids, dtype=np.int64) for ids in encoded]
     tokens = np.concatenate(pieces) if pieces else np.empty(0, np.int64)
     return tokens, {"path": str(source), "kind": "text", "documents": len(texts), "tokens": int(len(tokens))}

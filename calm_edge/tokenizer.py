@@ -1,6 +1,16 @@
-"""The tokenizer: a SentencePiece BPE model with byte fallback, trained and loaded here.
+"""The tokenizers: calm-edge's SentencePiece BPE with byte fallback (trained here), and Hugging Face
+byte-level BPE (`tokenizer.json`, the Llama-3 tokenizer of the released CALM models).
 
-Training settings are chosen so that `decode(encode(text)) == text` for every Unicode string:
+Both offer one interface, which every stage uses through `load_tokenizer`:
+
+    encode(text)           token ids of the text alone (special-token text a user types included)
+    encode_prompt(text)    a prompt as the model reads one: bos first where the tokenizer prepends it
+    encode_document(text)  a document as the model was trained on it: calm-edge's with eos after,
+                           the released models' with bos before (their training framing)
+    decode(ids), vocab_size, pad_id, bos_id, eos_id, sha256(), kind, path
+
+SentencePiece training settings are chosen so that `decode(encode(text)) == text` for every
+Unicode string:
 
 - byte fallback: characters the model did not learn are spelled as their UTF-8 bytes
   (`<0x00>` .. `<0xFF>`), so nothing is ever mapped to unk;
@@ -11,7 +21,9 @@ Training settings are chosen so that `decode(encode(text)) == text` for every Un
   a literal U+2581 in the input is encoded as its three byte pieces, which decode to itself.
 
 A tokenizer folder holds `tokenizer.model` (what a model package ships) and `tokenizer.json`
-(the reserved ids, the vocabulary size and what it was trained on).
+(the reserved ids, the vocabulary size and what it was trained on). A Hugging Face tokenizer is
+a folder (or the file itself) whose `tokenizer.json` holds the whole tokenizer, as `tokenizers`
+writes it; telling the two `tokenizer.json` apart is `load_tokenizer`'s job.
 """
 import io
 import json
@@ -31,11 +43,16 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "tokenizer.model"
 INFO_FILE = "tokenizer.json"
+HF_FILE = "tokenizer.json"  # a Hugging Face tokenizer: the same name, another content
 SPACE_SYMBOL = "\u2581"  # SentencePiece's meta symbol for a space
+KINDS = ("sentencepiece", "hf-bpe")
+FILES = {"sentencepiece": MODEL_FILE, "hf-bpe": HF_FILE}  # the file a package or checkpoint carries
 
 
 class Tokenizer:
-    """Encode text to token ids and back. Loads a folder or a `tokenizer.model` file."""
+    """calm-edge's SentencePiece tokenizer: encode text to token ids and back. Loads a folder or a `tokenizer.model` file."""
+
+    kind = "sentencepiece"
 
     def __init__(self, path):
         path = Path(path)
@@ -78,6 +95,14 @@ class Tokenizer:
             return self._sp.encode(list(texts), num_threads=num_threads)
         return [self.encode(t) for t in texts]
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids: the text alone (calm-edge's models read no bos)."""
+        return self.encode(text)
+
+    def encode_documents(self, texts, num_threads=1) -> list[list[int]]:
+        """Documents as `data prepare` writes them: each followed by eos."""
+        return [ids + [self.eos_id] for ids in self.encode_batch(texts, num_threads=num_threads)]
+
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
 
@@ -86,6 +111,87 @@ class Tokenizer:
 
     def sha256(self) -> str:
         return sha256_of(self.path)
+
+
+class HFTokenizer:
+    """A Hugging Face byte-level BPE tokenizer (`tokenizer.json`), through the `tokenizers` library.
+
+    `special_ids` ({"pad", "bos", "eos"}) name the ids a model uses; without them bos is the token
+    the post-processor prepends, eos `<|end_of_text|>` or `</s>`, and pad `[PAD]`. Prompts and
+    documents are encoded as the released CALM models read them: with the post-processor, which
+    prepends bos. `decode` drops pad ids, as the official `generate` strips them from its output.
+    """
+
+    kind = "hf-bpe"
+
+    def __init__(self, path, special_ids=None):
+        from tokenizers import Tokenizer as HuggingFaceTokenizer
+
+        path = Path(path)
+        file = path / HF_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise CalmEdgeError(f"tokenizer {file} not found; point at a Hugging Face tokenizer folder that holds "
+                                f"{HF_FILE}, e.g. ../shared/data/llama3-tokenizer")
+        try:
+            self._tok = HuggingFaceTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises its own exception type for a malformed file
+            raise CalmEdgeError(f"{file} is not a Hugging Face tokenizer file ({str(e).splitlines()[0]}); "
+                                "copy the tokenizer again") from None
+        self.path = file
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        special = dict(special_ids or {})
+        prepended = [i for i in self._tok.encode("a").ids if i not in self._tok.encode("a", add_special_tokens=False).ids]
+        self.add_bos = bool(prepended)
+        self.bos_id = special.get("bos", prepended[0] if prepended else None)
+        self.eos_id = special.get("eos", self._first_id("<|end_of_text|>", "</s>", "<|endoftext|>"))
+        self.pad_id = special.get("pad", self._first_id("[PAD]", "<pad>"))
+        self.unk_id = None
+
+    def _first_id(self, *tokens):
+        return next((self._tok.token_to_id(t) for t in tokens if self._tok.token_to_id(t) is not None), None)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, no bos or eos added (special tokens typed in the text are matched)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts, num_threads=1) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids as the model reads them: bos first, as the tokenizer's post-processor prepends it."""
+        return self._tok.encode(text).ids
+
+    def encode_documents(self, texts, num_threads=1) -> list[list[int]]:
+        """Documents as the released models were trained on them: bos first (the post-processor), no eos."""
+        return [e.ids for e in self._tok.encode_batch(list(texts))]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids if i != self.pad_id], skip_special_tokens=False)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._tok.id_to_token(int(token_id))
+
+    def sha256(self) -> str:
+        return sha256_of(self.path)
+
+
+def load_tokenizer(path, kind=None, special_ids=None):
+    """The tokenizer at `path` (a file or a folder): SentencePiece (`tokenizer.model`) or Hugging Face
+    (`tokenizer.json`), as `kind` says or, when it is None, as the files show."""
+    path = Path(path)
+    if kind is None:
+        if path.suffix == ".json" or (path.is_dir() and _is_hf_tokenizer(path / HF_FILE)):
+            kind = "hf-bpe"
+        elif path.suffix == ".model" or (path.is_dir() and (path / MODEL_FILE).is_file()):
+            kind = "sentencepiece"
+        else:
+            raise CalmEdgeError(f"no tokenizer at {path}: expected a tokenizer.model (SentencePiece) or a Hugging "
+                                "Face tokenizer.json; point at the tokenizer's folder")
+    if kind == "sentencepiece":
+        return Tokenizer(path)
+    if kind == "hf-bpe":
+        return HFTokenizer(path, special_ids)
+    raise CalmEdgeError(f"tokenizer kind {kind!r} is unknown; choose one of: {', '.join(KINDS)}")
 
 
 def train_tokenizer(sources, out, config: TokenizerConfig, text_field="text", force=False, progress=True):
@@ -180,3 +286,14 @@ def read_tokenizer_info(folder):
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CalmEdgeError(f"{path} not found; {folder} is not a tokenizer folder made by `calm-edge tokenizer train`") from None
+
+
+def _is_hf_tokenizer(file):
+    """Whether `file` is a Hugging Face tokenizer.json (a SentencePiece folder's tokenizer.json is its info file)."""
+    if not file.is_file():
+        return False
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("model"), dict) and "added_tokens" in data

@@ -23,7 +23,6 @@ the deployed decoder does with the latents the trained encoder gives.
 import torch
 from tqdm import tqdm
 
-from calm_edge.tokenizer import Tokenizer
 from calm_edge.training.autoencoder import load_autoencoder
 
 NOISE_SCALES = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
@@ -38,7 +37,7 @@ def evaluate_autoencoder(checkpoint_path, text, max_tokens=None, batch_chunks=20
     model, saved = load_autoencoder(checkpoint_path)
     decode_tokens = model.decode_tokens if decode is None else _numpy_decoder(decode)
     K = model.chunk_size
-    tokenizer = Tokenizer(saved.tokenizer_path)
+    tokenizer = saved.tokenizer()
     tokens, data = text.load_tokens(tokenizer, max_tokens=max_tokens, progress=progress)
     chunks = torch.from_numpy(tokens[: len(tokens) // K * K]).view(-1, K)
     if len(chunks) == 0:

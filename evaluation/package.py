@@ -19,7 +19,6 @@ from calm_edge.errors import CalmEdgeError
 from calm_edge.evaluation.language_model import evaluate_package
 from calm_edge.evaluation.settings import EvalSettings
 from calm_edge.runtime.model import Model
-from calm_edge.tokenizer import Tokenizer
 
 
 def default_autoencoder(manifest):
@@ -34,7 +33,7 @@ def reconstruction(model, autoencoder, text, max_tokens=None, progress=False):
     from calm_edge.training.autoencoder import load_autoencoder
 
     ae, saved = load_autoencoder(autoencoder)
-    if Tokenizer(saved.tokenizer_path).sha256() != model.tokenizer.sha256():
+    if saved.tokenizer().sha256() != model.tokenizer.sha256():
         raise CalmEdgeError(f"the autoencoder in {saved.folder} has another tokenizer than the package {model.path}; "
                             "pass the autoencoder the CALM model was trained with (--autoencoder)")
     manifest = model.manifest

@@ -68,13 +68,15 @@ def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_t
                 path = tmp / specs[name]["file"]
                 fused[name] = optimize_module.optimize_graph(path, path, section["num_heads"], section["hidden_size"])
                 log.info("optimised %s: %s", name, fused[name])
-        shutil.copyfile(saved.tokenizer_path, tmp / package.TOKENIZER_FILE)
+        tokenizer = saved.tokenizer()
+        shutil.copyfile(saved.tokenizer_path, tmp / package.TOKENIZER_FILES[tokenizer.kind])
+        about_tokenizer = {"tokenizer_kind": tokenizer.kind, "add_bos": getattr(tokenizer, "add_bos", False)}
         # The manifest first without validation figures, so the runtime can open the folder.
-        package.write_manifest(tmp, kind, section, provenance(saved))
+        package.write_manifest(tmp, kind, section, provenance(saved), **about_tokenizer)
         report = validate.validate_package(model, tmp, e2e_prompts=e2e_prompts, e2e_tokens=e2e_tokens, seed=seed,
                                            progress=progress, fused_attention=fused_attention)
         report["export_seconds"] = round(time.perf_counter() - started, 2)
         report["graph_optimisation"] = {"applied": bool(optimize), "fused_operators": fused,
                                         "fused_attention": bool(fused_attention)}
-        package.write_manifest(tmp, kind, section, provenance(saved), validation=report)
+        package.write_manifest(tmp, kind, section, provenance(saved), validation=report, **about_tokenizer)
     return package.Manifest.read(out, verify=False)

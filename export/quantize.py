@@ -139,16 +139,18 @@ def quantize_package(source, out, mode, keep_fp32=(), calibration_data=(), calib
                 raise CalmEdgeError(f"onnxruntime's {mode} quantizer failed on {source_file} ({e}); "
                                     f"keep that graph in fp32 with --keep-fp32 {name}") from None
             modes[name] = mode
-        shutil.copyfile(manifest.tokenizer_path, tmp / package.TOKENIZER_FILE)
+        shutil.copyfile(manifest.tokenizer_path, tmp / manifest.tokenizer_file)
+        about_tokenizer = {"tokenizer_kind": manifest.tokenizer_kind, "add_bos": manifest.add_bos}
         quantization = {"mode": mode, "graphs": modes, "settings": settings, "calibration": calibration_info,
                         "source": {"package": str(source),
                                    "manifest_sha256": sha256_of(Path(source) / package.MANIFEST_FILE)}}
         # The manifest first without validation figures, so the runtime can open the folder.
-        package.write_manifest(tmp, manifest.kind, manifest.model_section, manifest.provenance, quantization)
+        package.write_manifest(tmp, manifest.kind, manifest.model_section, manifest.provenance, quantization,
+                               **about_tokenizer)
         validation = _validate(fp32, tmp, validation_feeds, modes, described, seed)
         validation["quantize_seconds"] = round(time.perf_counter() - started, 2)
         package.write_manifest(tmp, manifest.kind, manifest.model_section, manifest.provenance, quantization,
-                                        validation=validation)
+                               validation=validation, **about_tokenizer)
     return package.Manifest.read(out, verify=False)
 
 

@@ -96,5 +96,5 @@ def widened_checkpoint(source, out, max_positions, force=False):
     if out.exists():
         checkpoint.remove_folder(out)
     checkpoint.save_checkpoint(out, saved.trainer.get("step", 0), saved.kind, config, model, info, {},
-                               files={checkpoint.TOKENIZER_FILE: saved.tokenizer_path})
+                               files={saved.tokenizer_path.name: saved.tokenizer_path})
     return out

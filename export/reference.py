@@ -15,7 +15,6 @@ import torch
 
 from calm_edge.models.calm import CalmModel
 from calm_edge.runtime.generator import generate_tokens
-from calm_edge.tokenizer import Tokenizer
 from calm_edge.training.language_models import load_language_model
 
 
@@ -29,6 +28,7 @@ class TorchModel:
         config = module.config
         self.kind = "calm" if isinstance(module, CalmModel) else "ar"
         self.eos_id, self.pad_id = config.tokenizer.eos_id, config.tokenizer.pad_id
+        self.prompt_fill = config.calm.prompt_fill if self.kind == "calm" else "left-eos"
         if self.kind == "calm":
             self.chunk_size, self.noise_size = config.autoencoder.chunk_size, config.calm.noise_size
             self.max_context = config.calm.backbone.max_positions
@@ -40,7 +40,7 @@ class TorchModel:
     def load(cls, checkpoint):
         """The model of a CALM or AR training run (or one of its checkpoint folders), with its tokenizer."""
         module, saved = load_language_model(checkpoint)
-        return cls(module, Tokenizer(saved.tokenizer_path), saved)
+        return cls(module, saved.tokenizer(), saved)
 
     def new_state(self, batch, capacity):
         return TorchStepState(self)

@@ -14,7 +14,8 @@ them.
 
 A model is what the loop needs to know and one method: `kind` ("calm" or "ar"), `chunk_size`
 (K; 1 for AR), `eos_id`, `pad_id`, `noise_size` (CALM), `max_context` (positions: vectors for
-CALM, tokens for AR), and `new_state(batch, capacity)`, which returns the generation's state:
+CALM, tokens for AR), `prompt_fill` ("left-eos" when absent; see 1. below), and
+`new_state(batch, capacity)`, which returns the generation's state:
 the runtime's `StepState` over ONNX Runtime (`step_state.py`) or the reference's
 `TorchStepState` over the PyTorch modules (`calm_edge.export.reference`). A state keeps the
 attention mask and the key/value cache and runs the graphs:
@@ -27,10 +28,12 @@ attention mask and the key/value cache and runs the graphs:
     timings                                         {graph: seconds spent in its runs}
 
 CALM, one step per K tokens:
-  1. A prompt whose length is not a multiple of K is left-filled with eos ids to the next
-     multiple: in training a document starts after an eos at any offset within a chunk, so
-     "eos, then the prompt" is what the model has seen. Prompts of a batch are then left-padded
-     (attention mask 0, positions counted from each prompt's first real chunk).
+  1. A prompt whose length is not a multiple of K is filled to the next multiple, as the model
+     expects (`prompt_fill`): calm-edge's models with eos ids on the left (in training a document
+     starts after an eos at any offset within a chunk, so "eos, then the prompt" is what the
+     model has seen), the released CALM models with pad ids on the right, inside the last chunk,
+     as their own `generate` does. Prompts of a batch are then left-padded (attention mask 0,
+     positions counted from each prompt's first real chunk).
   2. Prefill: one backbone call over all prompt chunks (at the first `step()`).
   3. Each step: the energy head turns noise into latent samples, the decoder maps them to
      chunks, temperature sampling picks one (`sampling.py`); the next step first extends the
@@ -80,9 +83,11 @@ class GeneratorParams:
         return TemperatureSampler(self.temperature, self.method, self.candidates)
 
 
-def fill_to_chunks(ids, chunk_size, eos_id):
-    """Left-fill a prompt with eos ids to a multiple of K (see the module docstring)."""
+def fill_to_chunks(ids, chunk_size, eos_id, fill="left-eos", pad_id=None):
+    """A prompt filled to a multiple of K: eos ids on the left, or pad ids on the right (see the module docstring)."""
     missing = (-len(ids)) % chunk_size
+    if fill == "right-pad":
+        return list(ids) + [pad_id] * missing
     return [eos_id] * missing + list(ids)
 
 
@@ -125,13 +130,13 @@ def softmax_power(logits, n):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def check_prompts(prompts, chunk_size, eos_id, max_context):
+def check_prompts(prompts, chunk_size, max_context):
     if not prompts:
         raise CalmEdgeError("no prompts given; pass at least one prompt")
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise CalmEdgeError(f"prompt {i} is empty; give at least one token of text")
-        positions = len(fill_to_chunks(prompt, chunk_size, eos_id)) // chunk_size
+        positions = -(-len(prompt) // chunk_size)
         if positions >= max_context:
             unit = "chunks of K tokens" if chunk_size > 1 else "tokens"
             raise CalmEdgeError(
@@ -154,13 +159,14 @@ class Generator:
         self.sampler = sampler or checked
         K, eos, pad = model.chunk_size, model.eos_id, model.pad_id
         prompts = [list(p) for p in prompts]
-        check_prompts(prompts, K, eos, model.max_context)
+        check_prompts(prompts, K, model.max_context)
         streams = self.params.streams if self.params.streams is not None else list(range(len(prompts)))
         if len(streams) != len(prompts):
             raise CalmEdgeError(f"{len(streams)} random streams for {len(prompts)} prompts; give one per prompt")
         self.rngs = [RandomStream(self.params.seed, s) for s in streams]
 
-        rows = [fill_to_chunks(p, K, eos) for p in prompts]
+        fill = getattr(model, "prompt_fill", "left-eos")
+        rows = [fill_to_chunks(p, K, eos, fill, pad) for p in prompts]
         self._prompt = left_pad(rows, K, pad)
         self.capacity = cache_capacity(rows, K, self.params.max_new_tokens, model.max_context)
         self.state = model.new_state(len(rows), self.capacity)

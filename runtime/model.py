@@ -23,7 +23,7 @@ from calm_edge.errors import CalmEdgeError
 from calm_edge.runtime.kv_cache import ONNX_TO_NUMPY
 from calm_edge.runtime.package import Manifest
 from calm_edge.runtime.step_state import StepState
-from calm_edge.tokenizer import Tokenizer
+from calm_edge.tokenizer import load_tokenizer
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -118,8 +118,8 @@ class Model:
     """A model package opened for generation on one execution provider.
 
     Attributes a caller uses: `manifest` (the package's `Manifest`), `tokenizer`, `kind`,
-    `chunk_size`, `max_context`, `eos_id`, `pad_id`, `noise_size`, `sessions` ({graph: ONNX
-    Runtime session}), `provider`.
+    `chunk_size`, `max_context`, `eos_id`, `pad_id`, `noise_size`, `prompt_fill`, `sessions`
+    ({graph: ONNX Runtime session}), `provider`.
     """
 
     def __init__(self, path, provider="cpu", threads=None, engine_cache=None, verify=True, spinning=DEFAULT_SPINNING):
@@ -127,8 +127,9 @@ class Model:
         self.path = Path(path)
         self.manifest = manifest = Manifest.read(self.path, verify=verify)
         self.kind, self.provider = manifest.kind, provider
-        self.tokenizer = Tokenizer(manifest.tokenizer_path)
+        self.tokenizer = load_tokenizer(manifest.tokenizer_path, manifest.tokenizer_kind, manifest.special_ids)
         self.chunk_size, self.max_context = manifest.chunk_size, manifest.max_context
+        self.prompt_fill = manifest.prompt_fill
         self.eos_id, self.pad_id, self.noise_size = manifest.eos_id, manifest.pad_id, manifest.noise_size
         if threads is not None and threads < 1:
             raise CalmEdgeError(f"threads={threads} must be at least 1")

@@ -1,11 +1,22 @@
-"""The model package, format version 1: the one module that knows its layout.
+"""The model package, format versions 1 and 2: the one module that knows its layout.
 
 A package is a folder with everything a runtime needs and nothing else:
 
     manifest.json       what the model is, where each file is, how each graph is called
-    tokenizer.model     the SentencePiece model
-    CALM:  backbone.onnx  energy_head.onnx  decoder.onnx
+    tokenizer.model     the SentencePiece model (or tokenizer.json: a Hugging Face tokenizer, version 2)
+    CALM:  backbone.onnx  energy_head.onnx  decoder.onnx   (+ *.onnx.data: external weights, version 2)
     AR:    ar.onnx
+
+Version 2 says what version 1 cannot, and a reader of version 2 opens every version-1 package
+unchanged (the defaults in brackets are version 1's):
+- the tokenizer's kind, "sentencepiece" or "hf-bpe", and whether a prompt gets bos first
+  (manifest "tokenizer": {"kind", "add_bos"}) [sentencepiece, no bos];
+- how a CALM prompt is filled to whole chunks, "left-eos" or "right-pad" (the released models':
+  pad ids on the right, inside the last chunk) ("model": {"prompt_fill"}) [left-eos];
+- graphs whose weights lie in ONNX external data files (graphs over 2 GB), each with its sha256.
+Every file a manifest names must lie inside the package folder, in both versions. `write_manifest`
+writes version 1 whenever a package needs nothing of version 2, so the packages of calm-edge's own
+models still open in runtimes that read version 1 only.
 
 Graphs (names follow optimum and onnxruntime-genai; `graph_specs` below is the contract):
 
@@ -35,9 +46,12 @@ from calm_edge.errors import CalmEdgeError
 from calm_edge.fileio import sha256_of, write_json_atomic
 
 FORMAT = "calm-edge-package"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what a package that needs nothing of version 2 is written as (calm-edge's own models')
+LATEST_VERSION = 2  # the newest version this calm-edge reads and writes
 MANIFEST_FILE = "manifest.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # a SentencePiece package's; see TOKENIZER_FILES
+TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "hf-bpe": "tokenizer.json"}
+PROMPT_FILLS = ("left-eos", "right-pad")
 KINDS = ("calm", "ar")
 GRAPHS = {"calm": ("backbone", "energy_head", "decoder"), "ar": ("ar",)}
 STEP_GRAPH = {"calm": "backbone", "ar": "ar"}  # the graph that holds the key/value cache
@@ -115,6 +129,8 @@ def model_section(kind, config):
     if kind == "calm":
         section.update(latent_size=config.autoencoder.latent_size, noise_size=config.calm.noise_size,
                        energy_head_layers=config.calm.energy_head_layers)
+        if config.calm.prompt_fill != "left-eos":  # version 2 (left-eos is version 1's rule)
+            section["prompt_fill"] = config.calm.prompt_fill
     return section
 
 
@@ -143,8 +159,12 @@ def provenance_section(checkpoint_folder, trainer, config, run_summary=None):
     return info
 
 
-def write_manifest(folder, kind, model, provenance, quantization=None, validation=None):
-    """Write manifest.json for the graph and tokenizer files already in `folder`; returns it as a dict."""
+def write_manifest(folder, kind, model, provenance, quantization=None, validation=None, tokenizer_kind="sentencepiece",
+                   add_bos=False):
+    """Write manifest.json for the graph and tokenizer files already in `folder`; returns it as a dict.
+
+    The tokenizer file is the kind's (TOKENIZER_FILES); `add_bos`: prompts get bos first.
+    """
     folder = Path(folder)
     graphs = {}
     for name, spec in graph_specs(kind, model).items():
@@ -154,12 +174,18 @@ def write_manifest(folder, kind, model, provenance, quantization=None, validatio
         data_file = folder / (spec["file"] + ".data")
         if data_file.exists():
             graphs[name]["external_data"] = {"file": data_file.name, "sha256": sha256_of(data_file)}
+    tokenizer_file = TOKENIZER_FILES[tokenizer_kind]
+    tokenizer = {"file": tokenizer_file, "sha256": sha256_of(folder / tokenizer_file)}
+    needs_v2 = (tokenizer_kind != "sentencepiece" or add_bos or model.get("prompt_fill", "left-eos") != "left-eos"
+                or any("external_data" in g for g in graphs.values()))
+    if needs_v2:
+        tokenizer.update(kind=tokenizer_kind, add_bos=bool(add_bos))
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": LATEST_VERSION if needs_v2 else FORMAT_VERSION,
         "kind": kind,
         "model": model,
-        "tokenizer": {"file": TOKENIZER_FILE, "sha256": sha256_of(folder / TOKENIZER_FILE)},
+        "tokenizer": tokenizer,
         "graphs": graphs,
         "quantization": quantization or {"mode": "fp32", "graphs": {name: "fp32" for name in graphs}},
         "provenance": provenance,
@@ -221,7 +247,10 @@ class Manifest(Mapping):
         self.max_context = model["max_context"]
         self.latent_size, self.noise_size = model.get("latent_size", 0), model.get("noise_size", 0)
         self.special_ids = dict(model["special_ids"])
+        self.prompt_fill = model.get("prompt_fill", "left-eos")
         self.tokenizer_file = data["tokenizer"]["file"]
+        self.tokenizer_kind = data["tokenizer"].get("kind", "sentencepiece")
+        self.add_bos = bool(data["tokenizer"].get("add_bos", False))
         self.graphs = {name: Graph(name=name, file=g["file"], sha256=g["sha256"], bytes=g["bytes"], inputs=g["inputs"],
                                    outputs=g["outputs"], external_data=g.get("external_data"))
                        for name, g in data["graphs"].items()}
@@ -392,10 +421,10 @@ def _check_schema(data, path):
         raise CalmEdgeError(f"{path} is not a calm-edge package manifest; export the package again")
     version = data.get("format_version")
     if not _is_int(version) or version < 1:
-        fail("format_version", f"is {version!r}, not a format version (1 to {FORMAT_VERSION})")
-    if version > FORMAT_VERSION:
+        fail("format_version", f"is {version!r}, not a format version (1 to {LATEST_VERSION})")
+    if version > LATEST_VERSION:
         raise CalmEdgeError(
-            f"{path} has package format version {version}, newer than this calm-edge reads ({FORMAT_VERSION}); "
+            f"{path} has package format version {version}, newer than this calm-edge reads ({LATEST_VERSION}); "
             "upgrade calm-edge (pip install -U calm-edge) or export the package with this version"
         )
     kind = data.get("kind")
@@ -425,10 +454,18 @@ def _check_schema(data, path):
         if _is_int(value) and not 0 <= value < model["vocab_size"]:
             fail(f"model.special_ids.{key}", f"is {value}, outside the vocabulary of {model['vocab_size']}")
 
+    if model.get("prompt_fill", "left-eos") not in PROMPT_FILLS:
+        fail("model.prompt_fill", f"is {model.get('prompt_fill')!r}, not one of {', '.join(PROMPT_FILLS)}")
     tokenizer = data.get("tokenizer")
     if not isinstance(tokenizer, dict):
         fail("tokenizer", "is missing or not an object")
     _check_file_entry(tokenizer, "tokenizer", fail)
+    if tokenizer.get("kind", "sentencepiece") not in TOKENIZER_FILES:
+        fail("tokenizer.kind", f"is {tokenizer.get('kind')!r}, not one of {', '.join(TOKENIZER_FILES)}")
+    if not isinstance(tokenizer.get("add_bos", False), bool):
+        fail("tokenizer.add_bos", f"is {tokenizer.get('add_bos')!r}, not true or false")
+    if version < 2 and (set(tokenizer) - {"file", "sha256"} or "prompt_fill" in model):
+        fail("format_version", "is 1, but the manifest uses version 2's tokenizer kind or prompt fill")
     for name, graph in graphs.items():
         if not isinstance(graph, dict):
             fail(f"graphs.{name}", "is not an object")

@@ -50,7 +50,7 @@ def _encode_prompts(model, prompts):
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt:
             raise CalmEdgeError(f"prompt {i} is empty; give some text to continue")
-    return list(prompts), [model.tokenizer.encode(p) for p in prompts]
+    return list(prompts), [model.tokenizer.encode_prompt(p) for p in prompts]
 
 
 def _pieces(generator, trackers):

@@ -12,6 +12,11 @@ from calm_edge.models.calm import CalmModel
     ("tiny", []),
     ("tiny", ["autoencoder.chunk_size=2", "train_autoencoder.seq_len=64", "calm.backbone.num_kv_heads=4"]),
     ("small", []),
+    ("tiny", ["calm.input_projection=official", "calm.energy_head=official", "autoencoder.projection_bias=true"]),
+    ("base", ["calm.input_projection=official", "calm.energy_head=official", "autoencoder.projection_bias=true",
+              "autoencoder.num_encoder_layers=1", "autoencoder.num_decoder_layers=1", "autoencoder.intermediate_size=1280",
+              "calm.backbone.num_kv_heads=16", "tokenizer.kind=hf-bpe", "tokenizer.vocab_size=128257",
+              "tokenizer.pad_id=128256", "tokenizer.bos_id=128000", "tokenizer.eos_id=128001", "tokenizer.unk_id=-1"]),
 ])
 def test_parameter_counts_match_the_modules(name, overrides):
     config = preset(name).with_overrides(overrides)

@@ -4,7 +4,8 @@ A training run's `--out` folder holds its checkpoints under `checkpoints/step_NN
 
     config.json         the full Config (Config.to_dict()) plus "kind" ("autoencoder", ...)
     model.safetensors   the model weights
-    tokenizer.model     a copy of the tokenizer, so the checkpoint is self-contained
+    tokenizer.model     a copy of the tokenizer, so the checkpoint is self-contained (tokenizer.json
+                        for a Hugging Face tokenizer: `calm-edge import` of the released models)
     trainer.json        step, tokens seen, wall time, the data loader's position, the latest
                         metrics, and the sha256 of the files above
     trainer_state.pt    optimizer state and RNG states (torch tensors only; read back with
@@ -30,6 +31,8 @@ from safetensors.torch import load_file, save_file
 from calm_edge.config import Config
 from calm_edge.errors import CalmEdgeError, ConfigError
 from calm_edge.fileio import atomic_output_dir, sha256_of, write_json_atomic
+from calm_edge.tokenizer import FILES as tokenizer_files
+from calm_edge.tokenizer import load_tokenizer
 
 CHECKPOINTS_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -50,7 +53,13 @@ class Checkpoint:
 
     @property
     def tokenizer_path(self):
-        return self.folder / TOKENIZER_FILE
+        return self.folder / tokenizer_files[self.config.tokenizer.kind]
+
+    def tokenizer(self):
+        """The checkpoint's tokenizer, with the special ids of its config."""
+        return load_tokenizer(self.tokenizer_path, self.config.tokenizer.kind,
+                              {"pad": self.config.tokenizer.pad_id, "bos": self.config.tokenizer.bos_id,
+                               "eos": self.config.tokenizer.eos_id})
 
 
 # ----- writing -------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ Decoder, the mirror image:
     latent -> hidden vector -> residual MLP layers -> expand to K hidden states -> residual MLP
     layers on each token -> logits through the (tied) embedding matrix
 
+The released CALM autoencoder has exactly this structure, with one residual layer on each side
+(its `num_encoder_layers = 2` counts both sides; ours counts one) and biases in the two chunk
+projections (`projection_bias`); `calm_edge.training.official` maps its weights onto this module.
+
 Robustness is part of the method, and each piece is a config value that is on by default:
 
 - the posterior is a diagonal Gaussian; the KL to N(0, I) is computed per dimension, clamped
@@ -73,14 +77,14 @@ class Autoencoder(nn.Module):
         self.embed = nn.Embedding(self.vocab_size, H)
         # Encoder.
         self.encoder_token_layers = _stack(ae.num_encoder_layers, H, I)
-        self.compress = nn.Linear(K * H, H, bias=False)
+        self.compress = nn.Linear(K * H, H, bias=ae.projection_bias)
         self.encoder_chunk_layers = _stack(ae.num_encoder_layers, H, I)
         self.encoder_norm = RMSNorm(H)
         self.to_latent = nn.Linear(H, 2 * ae.latent_size)  # mean and log sigma, side by side
         # Decoder.
         self.from_latent = nn.Linear(ae.latent_size, H)
         self.decoder_chunk_layers = _stack(ae.num_decoder_layers, H, I)
-        self.expand = nn.Linear(H, K * H, bias=False)
+        self.expand = nn.Linear(H, K * H, bias=ae.projection_bias)
         self.decoder_token_layers = _stack(ae.num_decoder_layers, H, I)
         self.decoder_norm = RMSNorm(H)
         self.latent_dropout = nn.Dropout(ae.latent_dropout)

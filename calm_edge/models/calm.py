@@ -29,6 +29,8 @@ from calm_edge.config import Config
 from calm_edge.models.autoencoder import Autoencoder
 from calm_edge.models.backbone import Backbone, RMSNorm, SwiGLU
 
+LAYER_NORM_EPS = 1e-6  # the official model's LayerNorms (input projection, energy head)
+
 
 def energy_score_loss(samples, targets, beta=1.0):
     """The unbiased energy-score loss, averaged over positions.
@@ -80,6 +82,80 @@ class EnergyBlock(nn.Module):
         return z + self.mlp(self.z_proj(self.norm(z)) + self.h_proj(condition))
 
 
+class OfficialEnergyHead(nn.Module):
+    """The released CALM models' energy head (their `MLPGenerator`), parameter for parameter.
+
+    noise -> linear -> LayerNorm = x;  hidden -> linear -> LayerNorm = c (shared by the blocks);
+    each block: x + down(silu(gate) * up), with (gate, up) = MLP(concat(LayerNorm(x), c));
+    then LayerNorm -> linear -> SiLU -> linear: the latent. Every LayerNorm has eps 1e-6 and a bias.
+    """
+
+    def __init__(self, hidden_size, latent_size, noise_size, num_layers):
+        super().__init__()
+        self.noise_embd = nn.Linear(noise_size, hidden_size)
+        self.hidden_embd = nn.Linear(hidden_size, hidden_size)
+        self.norm_hidden = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
+        self.norm_noise = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
+        self.mlp_blocks = nn.ModuleList(OfficialEnergyBlock(hidden_size) for _ in range(num_layers))
+        self.final_layer = OfficialFinalLayer(hidden_size, latent_size)
+
+    def forward(self, hidden, noise):
+        """hidden [..., H], noise [..., N, noise_size] in [0, 1) -> latents [..., N, latent]."""
+        x = self.norm_noise(self.noise_embd(noise - 0.5))  # uniform on [-0.5, 0.5), as the official code draws it
+        condition = self.norm_hidden(self.hidden_embd(hidden)).unsqueeze(-2).expand_as(x)
+        for block in self.mlp_blocks:
+            x = block(x, condition)
+        return self.final_layer(x)
+
+    def init_weights(self, std=0.02):
+        """The official initialisation: normal weights, zero biases, and a zero last layer (latent 0 at first)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.final_layer.linears[-1].weight)
+        nn.init.zeros_(self.final_layer.linears[-1].bias)
+
+
+class OfficialEnergyBlock(nn.Module):
+    def __init__(self, hidden_size):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
+        self.linears = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.SiLU(),
+                                     nn.Linear(hidden_size, hidden_size), nn.SiLU(),
+                                     nn.Linear(hidden_size, 2 * hidden_size))
+        self.down_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x, condition):
+        gate, up = self.linears(torch.cat([self.in_ln(x), condition], dim=-1)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class OfficialFinalLayer(nn.Module):
+    def __init__(self, hidden_size, latent_size):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
+        self.linears = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, latent_size))
+
+    def forward(self, x):
+        return self.linears(self.in_ln(x))
+
+
+def input_projection(kind, chunk_size, hidden):
+    """The MLP that compresses a chunk's K token embeddings into one input vector.
+
+    calm-edge:  Linear(K*H -> H), SiLU, Linear(H -> H)
+    official:   Linear(K*H -> 2H), SiLU, Linear(2H -> H), LayerNorm (the released models' embed_proj)
+    """
+    if kind == "official":
+        return nn.Sequential(nn.Linear(chunk_size * hidden, 2 * hidden), nn.SiLU(), nn.Linear(2 * hidden, hidden),
+                             nn.LayerNorm(hidden, eps=LAYER_NORM_EPS))
+    return nn.Sequential(nn.Linear(chunk_size * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+
+ENERGY_HEADS = {"calm-edge": EnergyHead, "official": OfficialEnergyHead}
+
+
 class CalmModel(nn.Module):
     """Backbone over chunk vectors, energy head, and the frozen autoencoder for targets and decoding."""
 
@@ -91,12 +167,10 @@ class CalmModel(nn.Module):
         self.chunk_size = ae.chunk_size
         self.noise_size = calm.noise_size
         self.embed_tokens = nn.Embedding(config.tokenizer.vocab_size, hidden)
-        # The small MLP that compresses a chunk's K token embeddings into one input vector.
-        self.input_proj = nn.Sequential(
-            nn.Linear(ae.chunk_size * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
-        )
+        self.input_proj = input_projection(calm.input_projection, ae.chunk_size, hidden)
         self.backbone = Backbone(calm.backbone)
-        self.energy_head = EnergyHead(hidden, ae.latent_size, calm.noise_size, calm.energy_head_layers)
+        self.energy_head = ENERGY_HEADS[calm.energy_head](hidden, ae.latent_size, calm.noise_size,
+                                                          calm.energy_head_layers)
         self._init_weights()
         # The autoencoder is frozen: its weights come from its own training run.
         self.autoencoder = autoencoder if autoencoder is not None else Autoencoder(config)
@@ -108,6 +182,12 @@ class CalmModel(nn.Module):
             for param in module.parameters():
                 if param.dim() == 2:
                     nn.init.normal_(param, mean=0.0, std=0.02)
+        if self.config.calm.input_projection == "official":  # zero biases, as the official post_init
+            for module in self.input_proj:
+                if isinstance(module, nn.Linear):
+                    nn.init.zeros_(module.bias)
+        if isinstance(self.energy_head, OfficialEnergyHead):
+            self.energy_head.init_weights()
         self.backbone.init_weights()
 
     def train(self, mode=True):

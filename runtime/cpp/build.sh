@@ -2,7 +2,7 @@
 # Build the calm-edge C++ runtime from scratch: runtime/cpp/build.sh [BUILD_DIR]
 #
 # 1. the build tools and libraries from the system's package manager (only when run as root and
-#    something is missing): cmake, g++, pkg-config, SentencePiece, nlohmann-json, OpenSSL;
+#    something is missing): cmake, g++, pkg-config, SentencePiece, PCRE2, nlohmann-json, OpenSSL;
 # 2. ONNX Runtime: with ONNXRUNTIME_ROOT set, that install is used as it is. Otherwise an install
 #    folder is assembled in BUILD_DIR from Debian trixie's libonnxruntime-dev headers and the
 #    libonnxruntime.so.1.* that the onnxruntime Python wheel ships (ONNX Runtime's C API is
@@ -23,6 +23,7 @@ install_system_packages() {
     command -v g++ >/dev/null || missing+=(g++)
     command -v pkg-config >/dev/null || missing+=(pkg-config)
     pkg-config --exists sentencepiece 2>/dev/null || missing+=(libsentencepiece-dev)
+    pkg-config --exists libpcre2-8 2>/dev/null || missing+=(libpcre2-dev)
     [ -f /usr/include/nlohmann/json.hpp ] || missing+=(nlohmann-json3-dev)
     [ -f /usr/include/openssl/evp.h ] || missing+=(libssl-dev)
     [ ${#missing[@]} -eq 0 ] && return

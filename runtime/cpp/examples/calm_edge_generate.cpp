@@ -142,7 +142,7 @@ void write_timings(const std::string& file, const std::vector<calm_edge::StepTim
 int run(const Options& options) {
   const calm_edge::Model model(options.package, options.model);
   if (options.token_ids) {
-    const auto prompt_ids = model.tokenizer().encode(options.prompt);
+    const auto prompt_ids = model.tokenizer().encode_prompt(options.prompt);
     if (prompt_ids.empty()) throw calm_edge::Error("prompt 0 is empty; give some text to continue");
     std::vector<calm_edge::StepTimes> runs;
     calm_edge::TokenIds tokens;

@@ -54,17 +54,24 @@ class RandomStream {
   uint64_t seed_, stream_, counter_;
 };
 
-// SentencePiece, with calm-edge's handling of a literal U+2581 (see calm_edge/tokenizer.py).
+// A package's tokenizer, token for token the Python runtime's (calm_edge/tokenizer.py): SentencePiece
+// with calm-edge's handling of a literal U+2581, or a Hugging Face byte-level BPE tokenizer.json (the
+// Llama-3 tokenizer of the released CALM models).
 class Tokenizer {
  public:
-  explicit Tokenizer(const std::string& path);  // a tokenizer.model file or a folder holding one
+  // A tokenizer.model (SentencePiece) or tokenizer.json (byte-level BPE) file, or a folder holding one.
+  // `pad_id`: an id that decode drops (the released models' [PAD], as their generate strips it), -1 for none.
+  explicit Tokenizer(const std::string& path, int64_t pad_id = -1);
   ~Tokenizer();
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;
 
-  TokenIds encode(const std::string& text) const;  // no bos or eos added
+  TokenIds encode(const std::string& text) const;         // the text alone: no bos or eos added
+  TokenIds encode_prompt(const std::string& text) const;  // a prompt as the model reads it: bos first where
+                                                          // the tokenizer prepends it (the Llama-3 one does)
   std::string decode(const TokenIds& ids) const;
   int vocab_size() const;
+  const std::string& kind() const;  // "sentencepiece" or "hf-bpe"
 
  private:
   struct Impl;

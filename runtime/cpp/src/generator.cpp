@@ -15,10 +15,16 @@
 namespace calm_edge {
 namespace {
 
-// "eos, then the prompt": what the model saw in training when a document began inside a chunk.
-TokenIds fill_to_chunks(const TokenIds& ids, int chunk_size, int64_t eos_id) {
-  const size_t missing = (chunk_size - ids.size() % chunk_size) % chunk_size;
-  TokenIds filled(missing, eos_id);
+// A prompt filled to whole chunks as the model expects: "eos, then the prompt" (what calm-edge's models
+// saw in training when a document began inside a chunk), or pad ids after it (the released models').
+TokenIds fill_to_chunks(const TokenIds& ids, const PackageManifest& m) {
+  const size_t missing = (m.chunk_size - ids.size() % m.chunk_size) % m.chunk_size;
+  if (m.prompt_fill == "right-pad") {
+    TokenIds filled(ids);
+    filled.insert(filled.end(), missing, m.pad_id);
+    return filled;
+  }
+  TokenIds filled(missing, m.eos_id);
   filled.insert(filled.end(), ids.begin(), ids.end());
   return filled;
 }
@@ -53,12 +59,12 @@ void check_params(const GeneratorParams& params) {
     throw Error("max_new_tokens=" + std::to_string(params.max_new_tokens) + " must be a positive whole number");
 }
 
-void check_prompts(const std::vector<TokenIds>& prompts, int chunk_size, int64_t eos_id, int max_context) {
+void check_prompts(const std::vector<TokenIds>& prompts, int chunk_size, int max_context) {
   if (prompts.empty()) throw Error("no prompts given; pass at least one prompt");
   for (size_t i = 0; i < prompts.size(); ++i) {
     if (prompts[i].empty())
       throw Error("prompt " + std::to_string(i) + " is empty; give at least one token of text");
-    const size_t positions = fill_to_chunks(prompts[i], chunk_size, eos_id).size() / chunk_size;
+    const size_t positions = (prompts[i].size() + chunk_size - 1) / chunk_size;
     if (positions >= static_cast<size_t>(max_context)) {
       const std::string unit = chunk_size > 1 ? "chunks of K tokens" : "tokens";
       throw Error("prompt " + std::to_string(i) + " takes " + std::to_string(positions) + " " + unit +
@@ -191,9 +197,9 @@ const GeneratorParams& checked(const GeneratorParams& params) {
 
 std::vector<TokenIds> checked_rows(const Model::Impl& model, const std::vector<TokenIds>& prompts) {
   const PackageManifest& m = model.manifest;
-  check_prompts(prompts, m.chunk_size, m.eos_id, m.max_context);
+  check_prompts(prompts, m.chunk_size, m.max_context);
   std::vector<TokenIds> rows;
-  for (const TokenIds& prompt : prompts) rows.push_back(fill_to_chunks(prompt, m.chunk_size, m.eos_id));
+  for (const TokenIds& prompt : prompts) rows.push_back(fill_to_chunks(prompt, m));
   return rows;
 }
 

@@ -70,7 +70,7 @@ std::vector<std::string> cache_names(int layers, const std::string& prefix) {
 Model::Impl::Impl(const std::string& package_dir, const ModelOptions& options)
     : path(package_dir),
       manifest(read_manifest(package_dir, options.verify)),
-      tokenizer(package_dir + "/" + manifest.tokenizer_file),
+      tokenizer(package_dir + "/" + manifest.tokenizer_file, manifest.tokenizer_kind == "hf-bpe" ? manifest.pad_id : -1),
       cpu_memory(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
   const Ort::SessionOptions settings = session_options(options);
   for (const auto& [name, file] : manifest.graph_files) {

@@ -44,7 +44,7 @@ void check_format(const json& manifest, const fs::path& path) {
   if (!manifest.is_object() || manifest.value("format", "") != kFormat)
     throw Error(path.string() + " is not a calm-edge package manifest; export the package again");
   const json version = manifest.value("format_version", json());
-  if (!version.is_number_integer() || version.get<int>() > kPackageFormatVersion)
+  if (!version.is_number_integer() || version.get<int>() < 1 || version.get<int>() > kPackageFormatVersion)
     throw Error(path.string() + " has package format version " + version.dump() +
                 ", newer than this calm-edge reads (" + std::to_string(kPackageFormatVersion) +
                 "); upgrade calm-edge or export the package with this version");
@@ -71,8 +71,26 @@ std::vector<std::tuple<std::string, std::string, std::string>> listed_files(cons
   return files;
 }
 
+// A name the manifest gives must be a plain path inside the package: nothing absolute, no "..", and no
+// symbolic link that leads out of the folder.
+void check_confined(const std::string& file, const fs::path& dir, const fs::path& path, const std::string& what) {
+  const fs::path name(file);
+  bool escapes = file.empty() || name.is_absolute() || file.find('\\') != std::string::npos || file[0] == '~';
+  for (const auto& part : name) escapes = escapes || part == "..";
+  std::error_code error;
+  const fs::path resolved = fs::weakly_canonical(dir / name, error), root = fs::weakly_canonical(dir, error);
+  if (!escapes && fs::exists(dir / name)) {
+    const auto relative = resolved.lexically_relative(root);
+    escapes = relative.empty() || *relative.begin() == "..";
+  }
+  if (escapes)
+    throw Error(path.string() + " names '" + file + "' (" + what +
+                "), which leads outside the package folder; a package must hold its own files: export the package again");
+}
+
 void check_files(const json& manifest, const fs::path& dir, const fs::path& path, bool verify) {
   for (const auto& [file, expected, what] : listed_files(manifest)) {
+    check_confined(file, dir, path, what);
     const fs::path file_path = dir / file;
     if (!fs::is_regular_file(file_path))
       throw Error(file_path.string() + " (" + what +
@@ -98,7 +116,13 @@ PackageManifest model_section(const json& manifest) {
   result.max_context = model.at("max_context");
   result.latent_size = model.value("latent_size", 0);
   result.noise_size = model.value("noise_size", 0);
+  result.prompt_fill = model.value("prompt_fill", "left-eos");
   result.tokenizer_file = manifest.at("tokenizer").at("file");
+  result.tokenizer_kind = manifest.at("tokenizer").value("kind", "sentencepiece");
+  if (result.prompt_fill != "left-eos" && result.prompt_fill != "right-pad")
+    throw Error("model.prompt_fill '" + result.prompt_fill + "' is neither left-eos nor right-pad");
+  if (result.tokenizer_kind != "sentencepiece" && result.tokenizer_kind != "hf-bpe")
+    throw Error("tokenizer.kind '" + result.tokenizer_kind + "' is neither sentencepiece nor hf-bpe");
   for (const auto& [name, graph] : manifest.at("graphs").items()) result.graph_files[name] = graph.at("file");
   return result;
 }

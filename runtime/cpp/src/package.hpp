@@ -1,5 +1,6 @@
-// The model package, format version 1 (runtime/package.py is the reference): reading and checking
-// manifest.json, the presence and sha256 of every file it lists, and the model's sizes.
+// The model package, format versions 1 and 2 (runtime/package.py is the reference): reading and checking
+// manifest.json, the presence and sha256 of every file it lists (each inside the package folder), and the
+// model's sizes.
 #pragma once
 
 #include <cstdint>
@@ -8,7 +9,7 @@
 
 namespace calm_edge {
 
-constexpr int kPackageFormatVersion = 1;
+constexpr int kPackageFormatVersion = 2;  // the newest version this runtime reads
 
 // The manifest's "model" section and the file of each graph: what a runtime needs to size its inputs.
 struct PackageManifest {
@@ -24,7 +25,9 @@ struct PackageManifest {
   int max_context = 0;
   int latent_size = 0;  // CALM only
   int noise_size = 0;   // CALM only
+  std::string prompt_fill = "left-eos";  // or "right-pad" (version 2: the released CALM models)
   std::string tokenizer_file;
+  std::string tokenizer_kind = "sentencepiece";  // or "hf-bpe" (version 2)
   std::map<std::string, std::string> graph_files;  // graph name -> file name inside the package
 };
 

@@ -56,7 +56,7 @@ std::vector<TokenIds> encode_prompts(const Model& model, const std::vector<std::
   std::vector<TokenIds> encoded;
   for (size_t i = 0; i < prompts.size(); ++i) {
     if (prompts[i].empty()) throw Error("prompt " + std::to_string(i) + " is empty; give some text to continue");
-    encoded.push_back(model.tokenizer().encode(prompts[i]));
+    encoded.push_back(model.tokenizer().encode_prompt(prompts[i]));
   }
   return encoded;
 }

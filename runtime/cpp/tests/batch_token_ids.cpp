@@ -25,7 +25,7 @@ int main(int argc, char** argv) {
     params.max_new_tokens = std::stoi(argv[5]);
     params.stop_at_eos = std::string(argv[6]) == "1";
     std::vector<calm_edge::TokenIds> prompts;
-    for (int k = 7; k < argc; ++k) prompts.push_back(model.tokenizer().encode(argv[k]));
+    for (int k = 7; k < argc; ++k) prompts.push_back(model.tokenizer().encode_prompt(argv[k]));
     for (const auto& ids : calm_edge::generate_tokens(model, prompts, params)) {
       for (size_t k = 0; k < ids.size(); ++k) std::cout << (k ? " " : "") << ids[k];
       std::cout << "\n";

@@ -27,7 +27,7 @@ int main(int argc, char** argv) {
     const size_t stop_row = std::stoul(argv[6]);
     const int stop_after = std::stoi(argv[7]);
     std::vector<calm_edge::TokenIds> prompts;
-    for (int k = 8; k < argc; ++k) prompts.push_back(model.tokenizer().encode(argv[k]));
+    for (int k = 8; k < argc; ++k) prompts.push_back(model.tokenizer().encode_prompt(argv[k]));
 
     calm_edge::Generator generator(model, prompts, params);
     for (int step = 1; !generator.done(); ++step) {

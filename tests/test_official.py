@@ -1,0 +1,148 @@
+"""The released CALM models brought in: checkpoints in the official format (written here, with random
+weights of tiny dimensions and the real Llama-3 tokenizer) imported, exported, run and compared with
+the official computation (tests/official_calm.py)."""
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import official_calm as official
+from conftest import SHARED_DATA
+from calm_edge.cli import main
+from calm_edge.errors import CalmEdgeError
+from calm_edge.export.reference import TorchModel
+from calm_edge.training.official import import_official, load_weights
+
+LLAMA3 = SHARED_DATA / "llama3-tokenizer"
+pytestmark = pytest.mark.skipif(not (LLAMA3 / "tokenizer.json").is_file(), reason="needs ../shared/data")
+
+
+@pytest.fixture(scope="session")
+def released(tmp_path_factory):
+    """{"ae", "calm", "modules"}: an official autoencoder and CALM written as the release has them (.bin)."""
+    root = tmp_path_factory.mktemp("released")
+    ae, calm = official.build(seed=0)
+    official.save(ae.state_dict(), official.ae_config(), root / "CALM-Autoencoder")
+    official.save(calm.state_dict(), official.calm_config(), root / "CALM-tiny")
+    return {"root": root, "ae": root / "CALM-Autoencoder", "calm": root / "CALM-tiny", "modules": (ae, calm)}
+
+
+@pytest.fixture(scope="session")
+def imported(released, tmp_path_factory):
+    out = tmp_path_factory.mktemp("imported") / "calm-tiny"
+    import_official(released["calm"], released["ae"], LLAMA3, out=out)
+    return out
+
+
+def test_the_official_checkpoint_holds_what_the_official_code_saves(released):
+    tensors = load_weights(released["calm"], "CALM model")
+    assert {"ae_model.decoder.lm_head_weight", "generative_head.noise_embd.weight", "mlp_generator.noise_embd.weight",
+            "embed_proj.3.bias", "transformer.layers.1.self_attn.k_proj.weight"} <= set(tensors)
+
+
+def test_import_without_the_autoencoder_names_the_missing_folder_and_the_option(released, tmp_path):
+    with pytest.raises(CalmEdgeError, match=r"/mnt/train/.*does not exist here; pass --autoencoder"):
+        import_official(released["calm"], None, LLAMA3, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    result = CliRunner().invoke(main, ["-q", "import", "--calm", str(released["calm"]), "--tokenizer", str(LLAMA3),
+                                       "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "--autoencoder" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("key, value", [("patch_size", 2), ("latent_size", 8), ("vocab_size", 128300)])
+def test_a_mismatched_autoencoder_is_refused_before_any_work(released, tmp_path, key, value):
+    other = tmp_path / "other-ae"
+    shutil.copytree(released["ae"], other)
+    (other / "config.json").write_text(json.dumps(official.ae_config(**{key: value})))
+    (other / "pytorch_model.bin").write_bytes(b"not read: the configs disagree first")
+    with pytest.raises(CalmEdgeError, match=f"autoencoder {other}.* has {key} {value}"):
+        import_official(released["calm"], other, LLAMA3, out=tmp_path / "run")
+
+
+def test_a_bin_holding_anything_but_tensors_is_refused(released, tmp_path):
+    hostile = tmp_path / "hostile"
+    shutil.copytree(released["calm"], hostile)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    with open(hostile / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"transformer.embed_tokens.weight": Payload()}, f)
+    with pytest.raises(CalmEdgeError, match="holds something other than tensors.*refused"):
+        import_official(hostile, released["ae"], LLAMA3, out=tmp_path / "run")
+    torch.save({"transformer.norm.weight": torch.ones(3), "step": 7}, hostile / "pytorch_model.bin")
+    with pytest.raises(CalmEdgeError, match="not a state dict of named tensors"):
+        import_official(hostile, released["ae"], LLAMA3, out=tmp_path / "run")
+
+
+@pytest.mark.parametrize("form", ["safetensors", "sharded"])
+def test_safetensors_and_sharded_checkpoints_import_to_the_same_weights(released, imported, tmp_path, form):
+    ae, calm = released["modules"]
+    folder = official.save(calm.state_dict(), official.calm_config(), tmp_path / form, form=form)
+    ae_folder = official.save(ae.state_dict(), official.ae_config(), tmp_path / f"ae-{form}", form=form)
+    if form == "safetensors":  # a CALM file without the autoencoder: its weights come from the autoencoder folder
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(folder / "model.safetensors"))
+        save_file({k: v for k, v in tensors.items() if not k.startswith("ae_model.")}, str(folder / "model.safetensors"))
+    import_official(folder, ae_folder, LLAMA3, out=tmp_path / "run")
+    ours = TorchModel.load(tmp_path / "run").module.state_dict()
+    reference = TorchModel.load(imported).module.state_dict()
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+def test_the_imported_model_computes_what_the_official_one_does(released, imported):
+    ae, calm = released["modules"]
+    model = TorchModel.load(imported)
+    assert model.prompt_fill == "right-pad" and model.tokenizer.kind == "hf-bpe" and model.tokenizer.pad_id == 128256
+    ids = torch.randint(0, official.VOCAB, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = calm.hidden_states(ids)
+        hidden, _ = model.module.hidden_states(ids)
+        assert torch.allclose(hidden, reference, rtol=1e-4, atol=1e-4 * reference.abs().max())
+        noise = torch.rand(2, 8, 3, official.CALM_DIMS["noise_size"], generator=torch.Generator().manual_seed(2))
+        expected = calm.mlp_generator.sample(reference[:, :8, None].expand(-1, -1, 3, -1), noise - 0.5)
+        latents = model.module.sample_latents(hidden[:, :8], noise)
+        assert torch.allclose(latents, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+        flat = expected.reshape(-1, expected.shape[-1])
+        assert torch.equal(model.module.decode_tokens(flat), ae.decode_tokens(flat))
+        mean = ae.encoder(ids)[..., :official.AE_DIMS["latent_size"]]
+        ours, _ = model.module.autoencoder.encode(ids.reshape(2, -1, 4))
+        assert torch.allclose(ours, mean, rtol=1e-4, atol=1e-4 * mean.abs().max())
+
+
+def test_the_import_cli_and_the_run_folder(released, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["-q", "import", "--calm", str(released["calm"]), "--autoencoder",
+                                       str(released["ae"]), "--tokenizer", str(LLAMA3), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "import.json").read_text())
+    assert summary["sources"]["calm"]["sha256"]["pytorch_model.bin"]
+    config = json.loads(next((out / "checkpoints").iterdir()).joinpath("config.json").read_text())
+    assert config["calm"]["energy_head"] == "official" and config["autoencoder"]["num_encoder_layers"] == 1
+    assert (out / "autoencoder" / "checkpoints").is_dir()
+    again = CliRunner().invoke(main, ["-q", "import", "--calm", str(released["calm"]), "--autoencoder",
+                                      str(released["ae"]), "--tokenizer", str(LLAMA3), "--out", str(out)])
+    assert again.exit_code == 1 and "--force" in again.output
+
+
+def test_hub_ids_resolve_through_the_cache_and_never_the_network(released, tmp_path, monkeypatch):
+    """A pre-populated Hugging Face cache folder, HF_HUB_OFFLINE=1: ids resolve to the cached snapshots."""
+    cache = tmp_path / "hub"
+    for repo, folder in (("cccczshao/CALM-tiny", released["calm"]), ("cccczshao/CALM-Autoencoder", released["ae"])):
+        base = cache / f"models--{repo.replace('/', '--')}"
+        shutil.copytree(folder, base / "snapshots" / ("0" * 40))
+        (base / "refs").mkdir()
+        (base / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    summary = import_official("cccczshao/CALM-tiny", "cccczshao/CALM-Autoencoder", LLAMA3, out=tmp_path / "run")
+    assert summary["sources"]["calm"]["folder"].startswith(str(cache))
+    with pytest.raises(CalmEdgeError, match="cccczshao/CALM-XL cannot be fetched.*huggingface-cli download"):
+        import_official("cccczshao/CALM-XL", "cccczshao/CALM-Autoencoder", LLAMA3, out=tmp_path / "other")
