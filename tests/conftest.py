@@ -5,6 +5,10 @@ Tests that train a model or build the C++ runtime are marked `slow`, by the fixt
 runs the others in seconds, `python -m pytest -q` runs everything.
 """
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,8 @@ from calm_edge.demo_corpus import iter_bible_chapters
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+BUILD_SCRIPT = REPO / "runtime" / "cpp" / "build.sh"
+BUILD_DIR = REPO / "runtime" / "cpp" / "build"
 
 # Fixtures that train models or build C++: every test that uses one (directly or through another
 # fixture) is slow.
@@ -105,3 +111,17 @@ def fused_packages(trained_runs, tmp_path_factory):
     manifests = {kind: export_package(trained_runs[kind], root / kind, progress=False, fused_attention=True,
                                       e2e_prompts=2, e2e_tokens=16) for kind in ("calm", "ar")}
     return {"root": root, "calm": root / "calm", "ar": root / "ar", "manifests": manifests}
+
+
+@pytest.fixture(scope="session")
+def cpp_build():
+    """The build folder's cmake tree, built (or brought up to date) by runtime/cpp/build.sh."""
+    can_install = os.geteuid() == 0 and shutil.which("apt-get")
+    missing = [tool for tool in ("cmake", "g++") if shutil.which(tool) is None]
+    if missing and not can_install:
+        pytest.skip(f"building the C++ runtime needs {' and '.join(missing)}, which are not installed")
+    done = subprocess.run(["bash", str(BUILD_SCRIPT), str(BUILD_DIR)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable})
+    if done.returncode != 0:
+        pytest.fail(f"runtime/cpp/build.sh failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return BUILD_DIR / "cmake"

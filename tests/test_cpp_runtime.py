@@ -8,11 +8,8 @@ missing and cannot be installed (no C++ compiler or cmake, and not root).
 """
 import itertools
 import json
-import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -20,26 +17,11 @@ from calm_edge.runtime.generator import Generator, GeneratorParams, generate_tok
 from calm_edge.runtime.model import Model
 from calm_edge.runtime.text_generation import generate, stream
 
-REPO = Path(__file__).resolve().parent.parent
-BUILD_SCRIPT = REPO / "runtime" / "cpp" / "build.sh"
-BUILD_DIR = REPO / "runtime" / "cpp" / "build"
+from conftest import BUILD_DIR, REPO
+
 PROGRAM = BUILD_DIR / "cmake" / "calm-edge-generate"
 PROMPTS = ("In the beginning", "And he said unto them,", "The")
 TIMEOUT = 120
-
-
-@pytest.fixture(scope="session")
-def cpp_build():
-    """The build folder's cmake tree, built (or brought up to date) by runtime/cpp/build.sh."""
-    can_install = os.geteuid() == 0 and shutil.which("apt-get")
-    missing = [tool for tool in ("cmake", "g++") if shutil.which(tool) is None]
-    if missing and not can_install:
-        pytest.skip(f"building the C++ runtime needs {' and '.join(missing)}, which are not installed")
-    done = subprocess.run(["bash", str(BUILD_SCRIPT), str(BUILD_DIR)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": sys.executable})
-    if done.returncode != 0:
-        pytest.fail(f"runtime/cpp/build.sh failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return BUILD_DIR / "cmake"
 
 
 def run_program(*args):

@@ -146,3 +146,82 @@ def test_hub_ids_resolve_through_the_cache_and_never_the_network(released, tmp_p
     assert summary["sources"]["calm"]["folder"].startswith(str(cache))
     with pytest.raises(CalmEdgeError, match="cccczshao/CALM-XL cannot be fetched.*huggingface-cli download"):
         import_official("cccczshao/CALM-XL", "cccczshao/CALM-Autoencoder", LLAMA3, out=tmp_path / "other")
+
+
+@pytest.fixture(scope="session")
+def official_package(imported, tmp_path_factory):
+    from calm_edge.export.exporter import export_package
+
+    out = tmp_path_factory.mktemp("official-package") / "calm-tiny"
+    export_package(imported, out, progress=False, e2e_prompts=2, e2e_tokens=24)
+    return out
+
+
+def test_the_package_is_format_version_2_with_the_llama3_tokenizer(official_package):
+    from calm_edge.runtime.package import Manifest
+
+    manifest = Manifest.read(official_package)
+    assert manifest.format_version == 2 and manifest.tokenizer_kind == "hf-bpe" and manifest.add_bos
+    assert manifest.prompt_fill == "right-pad" and manifest.tokenizer_file == "tokenizer.json"
+    assert manifest.vocab_size == official.VOCAB and manifest.pad_id == official.PAD
+    for run in manifest.validation["end_to_end"].values():
+        assert run["equal"] and not run["sampling_ties"]
+
+
+def test_each_graph_equals_the_official_computation(released, official_package):
+    import onnxruntime as ort
+
+    ae, calm = released["modules"]
+    sessions = {name: ort.InferenceSession(str(official_package / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+                for name in ("backbone", "energy_head", "decoder")}
+    ids = torch.randint(0, official.VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    layers, heads = official.CALM_DIMS["num_hidden_layers"], official.CALM_DIMS["num_key_value_heads"]
+    head_dim = official.CALM_DIMS["hidden_size"] // official.CALM_DIMS["num_attention_heads"]
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 6), np.int64),
+             "position_ids": np.tile(np.arange(6), (2, 1)),
+             **{f"past_key_values.{i}.{part}": np.zeros((2, heads, 0, head_dim), np.float32)
+                for i in range(layers) for part in ("key", "value")}}
+    hidden = sessions["backbone"].run(["hidden"], feeds)[0]
+    with torch.no_grad():
+        reference = calm.hidden_states(ids).numpy()
+    assert np.abs(hidden - reference).max() <= 1e-4 * max(1.0, np.abs(reference).max())
+    noise = np.random.default_rng(0).random((12, 5, official.CALM_DIMS["noise_size"]), dtype=np.float32)
+    latents = sessions["energy_head"].run(None, {"hidden": reference.reshape(12, -1), "noise": noise})[0]
+    with torch.no_grad():
+        expected = calm.mlp_generator.sample(torch.from_numpy(reference.reshape(12, 1, -1)).expand(-1, 5, -1),
+                                             torch.from_numpy(noise) - 0.5).numpy()
+    assert np.abs(latents - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+    tokens = sessions["decoder"].run(None, {"latents": expected.reshape(60, -1)})[0]
+    with torch.no_grad():
+        assert np.array_equal(tokens, ae.decode_tokens(torch.from_numpy(expected.reshape(60, -1))).numpy())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_generation_is_identical_in_the_reference_the_python_and_the_cpp_runtime(imported, official_package,
+                                                                                  cpp_build, temperature):
+    import subprocess
+
+    from calm_edge.runtime import GeneratorParams, Model, generate_tokens
+
+    reference, model = TorchModel.load(imported), Model(official_package, threads=1)
+    for prompt in ("The history of", "Hi", "A prompt of several words, which fills its chunks"):
+        ids = model.tokenizer.encode_prompt(prompt)
+        assert ids[0] == official.BOS  # bos first, and the last chunk filled with pads on the right
+        params = GeneratorParams(max_new_tokens=24, temperature=temperature, seed=11, stop_at_eos=False)
+        python = generate_tokens(model, [ids], params)[0]
+        assert python == generate_tokens(reference, [ids], params)[0]
+        done = subprocess.run([str(cpp_build / "calm-edge-generate"), str(official_package), prompt, "--token-ids",
+                               "--no-stop-at-eos", "--max-new-tokens", "24", "--seed", "11", "--temperature",
+                               str(temperature), "--threads", "1"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert [int(t) for t in done.stdout.split()] == python
+
+
+def test_prompts_are_right_padded_inside_their_last_chunk(official_package):
+    from calm_edge.runtime import Generator, GeneratorParams, Model
+
+    model = Model(official_package, threads=1)
+    ids = model.tokenizer.encode_prompt("Hi")  # bos + 1 token: half a chunk
+    generator = Generator(model, [ids], GeneratorParams(max_new_tokens=4))
+    assert generator._prompt[0].tolist() == [[official.BOS, *ids[1:], official.PAD, official.PAD]]
+    assert generator._prompt[1].tolist() == [[1]]  # the filled chunk is attended, as the official generate does
