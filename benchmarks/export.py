@@ -38,7 +38,7 @@ def bench_run(run, out_dir, threads, reuse):
         "package": str(out_dir),
         "kind": manifest.kind,
         "export_and_validate_seconds": round(seconds, 1),
-        "graph_bytes": {name: g.bytes for name, g in manifest.graphs.items()},
+        "graph_bytes": {name: g.total_bytes for name, g in manifest.graphs.items()},
         # Per graph, case (random / real inputs) and output: max_abs_diff (floats) or mismatches (token ids).
         "parity": {"graphs": manifest.validation["graphs"], "end_to_end": manifest.validation["end_to_end"]},
     }

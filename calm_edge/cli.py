@@ -112,14 +112,15 @@ text_source_options = _bundle([
 ], _text_source, "text")
 
 
-def _eval_settings(context, stride, max_positions, offsets, seed):
+def _eval_settings(context, stride, max_positions, offsets, seed, protocol, block_tokens):
     from calm_edge.evaluation.settings import EvalSettings
 
     try:
         offset_list = tuple(int(o) for o in offsets.split(","))
     except ValueError:
         raise CalmEdgeError(f"--offsets {offsets!r} must be comma-separated whole numbers, e.g. 0,1,2,3") from None
-    return EvalSettings(context=context, stride=stride, max_positions=max_positions, offsets=offset_list, seed=seed)
+    return EvalSettings(context=context, stride=stride, max_positions=max_positions, offsets=offset_list, seed=seed,
+                        protocol=protocol, block_tokens=block_tokens)
 
 
 # --context, --stride, --max-positions, --offsets, --seed: where BrierLM is estimated, handed over as `settings`.
@@ -131,6 +132,11 @@ eval_settings_options = _bundle([
     click.option("--offsets", default="0", show_default=True,
                  help="Comma-separated offsets within a chunk to evaluate at, e.g. 0,1,2,3 (partial-chunk prompts)."),
     click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--protocol", type=click.Choice(["calm-edge", "official"]), default="calm-edge", show_default=True,
+                 help="calm-edge: two sampled continuations at the positions above; official: the released models' "
+                      "teacher-forced protocol over whole blocks (README: Run the official CALM models)."),
+    click.option("--block-tokens", type=int, default=8192, show_default=True,
+                 help="--protocol official: tokens per evaluated block (the official 8192; capped at the context)."),
 ], _eval_settings, "settings")
 
 
@@ -563,7 +569,7 @@ def export_command(ctx, calm_dir, ar_dir, out, force, seed, out_format, optimize
                               progress=_progress(ctx), optimize=optimize, fused_attention=fused_attention)
     worst = max((r.get("max_abs_diff", 0.0) for cases in manifest.validation["graphs"].values()
                  for outputs in cases.values() for r in outputs.values()), default=0.0)
-    sizes = ", ".join(f"{name} {g.bytes / 1e6:.1f} MB" for name, g in manifest.graphs.items())
+    sizes = ", ".join(f"{name} {g.total_bytes / 1e6:.1f} MB" for name, g in manifest.graphs.items())
     ties = sum(len(run["sampling_ties"]) for run in manifest.validation["end_to_end"].values())
     same = "generation identical to PyTorch at T=1 and T=1/2" + (
         f" but for {ties} sampling tie(s) within float rounding (see the manifest's validation)" if ties else "")
@@ -603,7 +609,8 @@ def quantize_command(ctx, package_dir, mode, out, keep_fp32, calibration_data, c
     manifest = quantize_package(package_dir, out, mode, keep_fp32=keep_fp32, calibration_data=calibration_data,
                                 calibration_windows=calibration_windows, text_field=text_field, force=force, seed=seed,
                                 progress=_progress(ctx))
-    sizes = ", ".join(f"{name} {manifest.graph_modes[name]} {g.bytes / 1e6:.2f} MB" for name, g in manifest.graphs.items())
+    sizes = ", ".join(f"{name} {manifest.graph_modes[name]} {g.total_bytes / 1e6:.2f} MB"
+                      for name, g in manifest.graphs.items())
     generation = manifest.validation["generation"]
     click.echo(f"quantized {manifest.kind} package -> {out} ({sizes}); generation: "
                f"{generation['identical_tokens']} of {generation['tokens']} tokens identical to fp32")

@@ -16,6 +16,7 @@ import time
 from tqdm import tqdm
 
 from calm_edge.evaluation.brierlm import BrierAccumulator
+from calm_edge.evaluation.official import evaluate_official
 from calm_edge.evaluation.settings import CONTINUATION, EvalSettings, context_limit, eval_positions
 from calm_edge.runtime.generator import GeneratorParams, generate_tokens
 
@@ -70,6 +71,8 @@ def evaluate_package(model, text, settings=EvalSettings(), progress=True, sample
 
 
 def _evaluate_offsets(model, K, text, settings, progress, samples=None):
+    if settings.protocol == "official":
+        return evaluate_official(model, text, settings, progress=progress, samples=samples)
     tokens, described = text.load_tokens(model.tokenizer, progress=progress)
     context = min(settings.context, context_limit(model.max_context, K, model.kind))
     context -= context % K

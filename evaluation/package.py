@@ -62,7 +62,7 @@ def evaluate_model_package(path, text, settings=EvalSettings(), autoencoder=None
         "kind": model.kind,
         "quantization": manifest.quantization_mode,
         "graph_modes": manifest.graph_modes,
-        "graph_bytes": {name: g.bytes for name, g in manifest.graphs.items()},
+        "graph_bytes": {name: g.total_bytes for name, g in manifest.graphs.items()},
         **evaluate_package(model, text, settings, progress=progress, samples=samples),
     }
     if model.kind == "calm":

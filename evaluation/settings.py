@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from calm_edge.errors import CalmEdgeError
 
 CONTINUATION = 4  # Brier-1..4 need 4 tokens
+PROTOCOLS = ("calm-edge", "official")
 
 
 @dataclass(frozen=True)
@@ -24,10 +25,16 @@ class EvalSettings:
     offsets: tuple = (0,)  # offsets within a chunk to evaluate at; the first gives the headline figures
     seed: int = 0
     batch_size: int = 32  # positions generated together (two samples each)
+    # "calm-edge": the positions above, two sampled continuations each; "official": the released
+    # models' own protocol, teacher-forced over blocks of `block_tokens` (evaluation/official.py).
+    protocol: str = "calm-edge"
+    block_tokens: int = 8192
 
     def __post_init__(self):
         object.__setattr__(self, "offsets", tuple(self.offsets))
-        for name in ("context", "stride", "max_positions", "batch_size"):
+        if self.protocol not in PROTOCOLS:
+            raise CalmEdgeError(f"--protocol {self.protocol!r} is unknown; choose one of: {', '.join(PROTOCOLS)}")
+        for name in ("context", "stride", "max_positions", "batch_size", "block_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise CalmEdgeError(f"--{name.replace('_', '-')} {value!r} must be a positive whole number")

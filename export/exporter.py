@@ -17,7 +17,7 @@ import shutil
 import time
 
 from calm_edge.errors import CalmEdgeError
-from calm_edge.export import graphs, validate
+from calm_edge.export import external_data, graphs, validate
 from calm_edge.export import fused_attention as fused_attention_module
 from calm_edge.export import optimize as optimize_module
 from calm_edge.fileio import atomic_output_dir
@@ -35,7 +35,7 @@ def provenance(saved):
 
 
 def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_tokens=64, seed=0, progress=True,
-                   optimize=False, fused_attention=False):
+                   optimize=False, fused_attention=False, external_data_bytes=external_data.EXTERNAL_DATA_BYTES):
     """Export the CALM or AR checkpoint at `checkpoint` to the package folder `out`.
 
     kind: "calm" or "ar" to insist on a model kind (the CLI's --calm / --ar), None for either.
@@ -44,6 +44,8 @@ def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_t
     fused_attention: write each layer's attention as ONNX Runtime's GroupQueryAttention node and
     its rotary embeddings as RotaryEmbedding nodes (`fused_attention.py`); PyTorch's reference
     stays the plain model.
+    external_data_bytes: a graph whose weights reach this size keeps them in NAME.onnx.data (graphs
+    over 2 GB must; the default is 2 GB).
     """
     started = time.perf_counter()
     with atomic_output_dir(out, force=force, what="package") as tmp:
@@ -59,7 +61,7 @@ def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_t
             fused_attention_module.fuse_attention(exported)
         for name, module in graphs.wrappers(kind, exported).items():
             log.info("exporting %s", name)
-            graphs.export_graph(module, specs[name], section, tmp / specs[name]["file"])
+            graphs.export_graph(module, specs[name], section, tmp / specs[name]["file"], external_data_bytes)
             if fused_attention:
                 fused_attention_module.place_bias(tmp / specs[name]["file"])
         fused = {}

@@ -115,7 +115,7 @@ def place_bias(path):
     """Move each GroupQueryAttention node's bias from input 8 to its own slot, 11th; returns the count."""
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # the nodes only; external weights stay where they are
     nodes = [node for node in model.graph.node if node.op_type == "GroupQueryAttention" and len(node.input) == 8]
     for node in nodes:
         inputs = list(node.input)

@@ -9,13 +9,17 @@ dynamic batch, sequence and past-length axes of the cache graph in one trace, an
 extra dependencies.
 """
 import warnings
+from pathlib import Path
 
+import onnx
 import torch
 import torch.nn as nn
 
+from calm_edge.export import external_data
 from calm_edge.runtime import package
 
 OPSET = 17
+SMALL_PROTO_BYTES = 64 << 20  # a graph file this small whose model is large keeps its weights outside
 
 
 def _pair_up(flat):
@@ -98,8 +102,12 @@ def wrappers(kind, model):
     return {"backbone": BackboneGraph(model), "energy_head": EnergyHeadGraph(model), "decoder": DecoderGraph(model)}
 
 
-def export_graph(module, spec, model_section, path):
-    """Trace `module` to ONNX at `path` with the names and dynamic axes of `spec`."""
+def export_graph(module, spec, model_section, path, external_data_bytes=external_data.EXTERNAL_DATA_BYTES):
+    """Trace `module` to ONNX at `path` with the names and dynamic axes of `spec`.
+
+    Weights of `external_data_bytes` or more go to `path` + ".data" (external_data.py): torch writes
+    a graph over 2 GB with one file per weight, which are gathered into that one file.
+    """
     inputs = example_inputs(spec, model_section)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's tracer warnings are about Python control flow it handles
@@ -112,3 +120,9 @@ def export_graph(module, spec, model_section, path):
             do_constant_folding=True,
             dynamo=False,
         )
+    path = Path(path)
+    size = path.stat().st_size
+    if size < SMALL_PROTO_BYTES and external_data.external_tensors(onnx.load(str(path), load_external_data=False)):
+        external_data.gather(path)  # torch kept the weights of a graph over 2 GB outside, one file each
+    elif size >= external_data_bytes:
+        external_data.move_out(path)

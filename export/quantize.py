@@ -123,11 +123,10 @@ def quantize_package(source, out, mode, keep_fp32=(), calibration_data=(), calib
         for name, graph in tqdm(manifest.graphs.items(), desc=f"quantizing ({mode})", unit=" graph",
                                 disable=not progress):
             source_file = manifest.graph_path(name)
-            if graph.external_data:
-                raise CalmEdgeError(f"{source_file} keeps its weights in external data; quantizing such "
-                                    "graphs (over 2 GB) is not supported")
             if name in keep_fp32:
                 shutil.copyfile(source_file, tmp / graph.file)
+                if graph.external_data:
+                    shutil.copyfile(manifest.file(graph.external_data["file"]), tmp / graph.external_data["file"])
                 modes[name] = "fp32"
                 continue
             log.info("quantizing %s to %s", name, mode)

@@ -18,12 +18,18 @@ far more than the weights' products do.
 
 Nothing here writes quantization arithmetic by hand; these functions choose the tools'
 settings and record them (`settings`), so the manifest says exactly what was done.
+
+Graphs over 2 GB (CALM-L's and CALM-XL's backbones) come with their weights in NAME.onnx.data: the
+tools read them from there, and a result over 2 GB goes the same way (`_save`); int4 converts
+the graph's opset before its weights are read in, since ONNX's converter cannot pass 2 GB.
 """
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from calm_edge.errors import CalmEdgeError
+from calm_edge.export import external_data
 from calm_edge.export.calibration import FeedReader
 
 INT4_BLOCK_SIZE = 32  # the small models' widths (256..1024) are multiples; smaller blocks keep more precision
@@ -74,8 +80,31 @@ def quantize_graph(mode, source, target, calibration_feeds=None):
     """Write the `mode` version of the ONNX graph `source` to `target`; returns the settings used."""
     check_mode(mode)
     with _quiet_tools():
-        return {"int8-dynamic": _int8_dynamic, "int8-static": _int8_static, "fp16": _fp16,
-                "int4": _int4}[mode](str(source), str(target), calibration_feeds)
+        settings = {"int8-dynamic": _int8_dynamic, "int8-static": _int8_static, "fp16": _fp16,
+                    "int4": _int4}[mode](str(source), str(target), calibration_feeds)
+    if Path(str(target) + ".data").exists():
+        external_data.gather(target)  # a tool's external data, aligned and in one file
+    return settings
+
+
+def _tensor_bytes(model):
+    return sum(len(t.raw_data) or 4 * len(t.float_data) for t in model.graph.initializer)
+
+
+def _save(model, target):
+    """Save a graph, its weights in TARGET.data when they would pass protobuf's 2 GB."""
+    import onnx
+
+    if _tensor_bytes(model) >= external_data.EXTERNAL_DATA_BYTES - (64 << 20):
+        onnx.save(model, target, save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=external_data.data_file_name(target), size_threshold=1024)
+    else:
+        onnx.save(model, target)
+
+
+def _large(source):
+    """Whether a graph keeps its weights outside (the tools must then write theirs outside too)."""
+    return Path(str(source) + ".data").exists()
 
 
 def _int8_dynamic(source, target, _feeds):
@@ -84,7 +113,8 @@ def _int8_dynamic(source, target, _feeds):
     settings = {"tool": "onnxruntime.quantization.quantize_dynamic", "op_types": ["MatMul", "Gemm"],
                 "weight_type": "int8", "per_channel": True, "weights_only_matmuls": True}
     quantize_dynamic(source, target, op_types_to_quantize=settings["op_types"], per_channel=True,
-                     weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+                     weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
+                     use_external_data_format=_large(source))
     return settings
 
 
@@ -102,7 +132,7 @@ def _int8_static(source, target, feeds):
                     op_types_to_quantize=settings["op_types"], per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=_activation_matmuls(source),
-                    extra_options={"MatMulConstBOnly": True})
+                    extra_options={"MatMulConstBOnly": True}, use_external_data_format=_large(source))
     return settings
 
 
@@ -124,7 +154,7 @@ def _fp16(source, target, _feeds):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = convert_float_to_float16(onnx.load(source), keep_io_types=True)
-    onnx.save(model, target)
+    _save(model, target)
     return {"tool": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True}
 
 
@@ -136,9 +166,12 @@ def _int4(source, target, _feeds):
     # 4-bit tensors (the quantized embedding table) need opset 21. Left alone, the tool would only
     # relabel our opset-17 graph, which then fails to load (ReduceMean's axes moved from an
     # attribute to an input in opset 18); ONNX's converter rewrites the graph properly.
-    model = onnx.load(source)
+    from onnx.external_data_helper import load_external_data_for_model
+
+    model = onnx.load(source, load_external_data=False)  # the converter works on the graph, not its weights
     if max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < INT4_OPSET:
         model = convert_version(model, INT4_OPSET)
+    load_external_data_for_model(model, str(Path(source).parent))
 
     # Gather along axis 1: each embedding row (one token) is cut into blocks of the hidden axis, so
     # a lookup dequantizes only the rows it reads.
@@ -147,7 +180,7 @@ def _int4(source, target, _feeds):
                                      accuracy_level=INT4_ACCURACY_LEVEL, op_types_to_quantize=("MatMul", "Gather"),
                                      quant_axes=axes)
     quantizer.process()
-    quantizer.model.save_model_to_file(target, use_external_data_format=False)
+    _save(quantizer.model.model, target)
     return {"tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer", "bits": 4,
             "block_size": INT4_BLOCK_SIZE, "symmetric": True, "accuracy_level": INT4_ACCURACY_LEVEL,
             "op_types": ["MatMul", "Gather"], "quant_axes": dict(axes), "opset": INT4_OPSET}

@@ -45,6 +45,23 @@ class TorchModel:
     def new_state(self, batch, capacity):
         return TorchStepState(self)
 
+    # The modules one call at a time, as the runtime's Model offers its graphs (evaluation).
+
+    @torch.no_grad()
+    def hidden_states(self, input_ids):
+        """Every chunk's hidden state [S, H] of one sequence, from an empty cache."""
+        hidden, _ = self.module.hidden_states(torch.as_tensor(np.asarray(input_ids, np.int64)).reshape(1, -1))
+        return hidden[0].numpy()
+
+    @torch.no_grad()
+    def sample_latents(self, hidden, noise):
+        return self.module.sample_latents(torch.from_numpy(np.ascontiguousarray(hidden, np.float32)),
+                                          torch.from_numpy(np.ascontiguousarray(noise, np.float32))).numpy()
+
+    @torch.no_grad()
+    def decode(self, latents):
+        return self.module.decode_tokens(torch.from_numpy(np.ascontiguousarray(latents, np.float32))).numpy()
+
 
 class TorchStepState:
     """One generation's mask and cache over the torch modules: numpy in, numpy out, as `StepState`."""

@@ -161,7 +161,20 @@ class Model:
         """A generation's state: mask, a key/value cache of `capacity` positions for `batch` rows, timings."""
         return StepState(self, batch, capacity)
 
-    # The two stateless graphs, used by the loop (through StepState) and by evaluation.
+    # The graphs one call at a time, for evaluation (the loop uses them through StepState).
+
+    def hidden_states(self, input_ids):
+        """The backbone over one sequence of token ids from an empty cache: every chunk's hidden state [S, H].
+
+        Teacher forcing (the official evaluation protocol): positions 0.., every chunk attended.
+        """
+        manifest = self.manifest
+        ids = np.asarray(input_ids, np.int64).reshape(1, -1)
+        chunks = ids.shape[1] // manifest.chunk_size
+        empty = np.zeros((1, manifest.num_kv_heads, 0, manifest.head_dim), self.cache_dtype)
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, chunks), np.int64),
+                 "position_ids": np.arange(chunks, dtype=np.int64)[None], **{name: empty for name in manifest.past_names}}
+        return self.sessions[manifest.step_graph].run([manifest.step_output], feeds)[0][0]
 
     def sample_latents(self, hidden, noise):
         return self.sessions["energy_head"].run(None, {"hidden": np.ascontiguousarray(hidden, np.float32),

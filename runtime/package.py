@@ -173,7 +173,8 @@ def write_manifest(folder, kind, model, provenance, quantization=None, validatio
         # ONNX external data (graphs over 2 GB) travels with its graph.
         data_file = folder / (spec["file"] + ".data")
         if data_file.exists():
-            graphs[name]["external_data"] = {"file": data_file.name, "sha256": sha256_of(data_file)}
+            graphs[name]["external_data"] = {"file": data_file.name, "sha256": sha256_of(data_file),
+                                             "bytes": data_file.stat().st_size}
     tokenizer_file = TOKENIZER_FILES[tokenizer_kind]
     tokenizer = {"file": tokenizer_file, "sha256": sha256_of(folder / tokenizer_file)}
     needs_v2 = (tokenizer_kind != "sentencepiece" or add_bos or model.get("prompt_fill", "left-eos") != "left-eos"
@@ -209,6 +210,11 @@ class Graph:
     inputs: list  # [{"name", "dtype", "shape"}]
     outputs: list
     external_data: dict = None  # {"file", "sha256"} when the weights lie beside the graph
+
+    @property
+    def total_bytes(self):
+        """The graph file and its external data, if any."""
+        return self.bytes + int((self.external_data or {}).get("bytes", 0))
 
     @property
     def input_names(self):
@@ -353,7 +359,7 @@ class Manifest(Mapping):
 
     @property
     def total_graph_bytes(self):
-        return sum(g.bytes for g in self.graphs.values())
+        return sum(g.total_bytes for g in self.graphs.values())
 
     # ----- reading and checking --------------------------------------------------------------
 

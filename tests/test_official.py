@@ -225,3 +225,87 @@ def test_prompts_are_right_padded_inside_their_last_chunk(official_package):
     generator = Generator(model, [ids], GeneratorParams(max_new_tokens=4))
     assert generator._prompt[0].tolist() == [[official.BOS, *ids[1:], official.PAD, official.PAD]]
     assert generator._prompt[1].tolist() == [[1]]  # the filled chunk is attended, as the official generate does
+
+
+def test_the_official_protocol_gives_one_figure_in_the_reference_the_python_and_the_cpp_runtime(
+        imported, official_package, cpp_build, tmp_path):
+    """Random official-format weights, the official protocol on WikiText-103 test (blocks of 256 tokens here,
+    8,192 in the official evaluation): the same draws at every position, so the same Brier-1..4, in all three.
+    (Random weights score Brier -1: two draws that differ from each other and from the text; the draws
+    themselves are what is compared.)"""
+    import subprocess
+
+    from calm_edge.evaluation.language_model import evaluate_checkpoint, evaluate_package
+    from calm_edge.evaluation.settings import EvalSettings
+    from calm_edge.runtime import Model
+    from calm_edge.text_source import TextSource
+
+    text = TextSource((SHARED_DATA / "wikitext103-test-doc.jsonl",))
+    settings = EvalSettings(protocol="official", block_tokens=256, max_positions=300, seed=5)
+    model = Model(official_package, threads=1)
+    drawn_python, drawn_reference = [], []
+    python = evaluate_package(model, text, settings, progress=False, samples=drawn_python)
+    reference = evaluate_checkpoint(imported, text, settings, progress=False, samples=drawn_reference)
+    assert drawn_python == drawn_reference and len(drawn_python) == 300
+    assert python["positions"] == {"block_tokens": 256, "blocks": python["positions"]["blocks"], "scored": 300, "seed": 5}
+    tokens, _ = text.load_tokens(model.tokenizer)
+    assert tokens[0] == official.BOS and python["positions"]["blocks"] == len(tokens) // 256
+    (tmp_path / "tokens.json").write_text(json.dumps(tokens.tolist()))
+    done = subprocess.run([str(cpp_build / "official_brier"), str(official_package), str(tmp_path / "tokens.json"),
+                           "256", "300", "5"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    cpp = json.loads(done.stdout)
+    for n in (1, 2, 3, 4):
+        assert python[f"brier_{n}"] == pytest.approx(reference[f"brier_{n}"], abs=1e-12)
+        assert python[f"brier_{n}"] == pytest.approx(cpp[f"brier_{n}"], abs=1e-12)
+    assert cpp["positions"] == 300 and cpp["draws"] == [[first, second] for first, second, _ in drawn_python]
+
+
+def test_graphs_with_external_data_export_quantize_and_run_in_both_runtimes(imported, official_package, cpp_build,
+                                                                              tmp_path):
+    """The path of graphs over 2 GB, taken here by lowering the size from which weights go outside."""
+    import subprocess
+
+    from calm_edge.export.exporter import export_package
+    from calm_edge.export.quantize import quantize_package
+    from calm_edge.runtime import GeneratorParams, Model, generate_tokens
+
+    manifest = export_package(imported, tmp_path / "ext", progress=False, external_data_bytes=1, e2e_prompts=1,
+                              e2e_tokens=8)
+    assert manifest.format_version == 2
+    for name, graph in manifest.graphs.items():
+        assert graph.external_data["file"] == f"{name}.onnx.data" and graph.external_data["bytes"] > graph.bytes
+    assert sorted(p.name for p in (tmp_path / "ext").iterdir()) == sorted(
+        ["manifest.json", "tokenizer.json"] + [f"{n}.onnx{x}" for n in manifest.graphs for x in ("", ".data")])
+    params = GeneratorParams(max_new_tokens=12, seed=4, stop_at_eos=False)
+    prompt = Model(official_package).tokenizer.encode_prompt("The river")
+    expected = generate_tokens(Model(official_package), [prompt], params)
+    assert generate_tokens(Model(tmp_path / "ext"), [prompt], params) == expected
+    done = subprocess.run([str(cpp_build / "calm-edge-generate"), str(tmp_path / "ext"), "The river", "--token-ids",
+                           "--no-stop-at-eos", "--max-new-tokens", "12", "--seed", "4"], capture_output=True, text=True)
+    assert done.returncode == 0 and [int(t) for t in done.stdout.split()] == expected[0], done.stderr
+    int4 = quantize_package(tmp_path / "ext", tmp_path / "int4", "int4", progress=False)
+    assert int4.quantization_mode == "int4" and generate_tokens(Model(tmp_path / "int4"), [prompt], params)
+
+
+def test_weights_written_one_file_each_are_gathered_into_one_aligned_file(tmp_path):
+    """What torch's exporter writes for a graph over 2 GB: one external file per weight."""
+    import onnx
+    import onnxruntime as ort
+
+    from calm_edge.export import external_data
+
+    path = tmp_path / "graph.onnx"
+    torch.onnx.export(torch.nn.Linear(64, 32), (torch.randn(2, 64),), str(path), input_names=["x"],
+                      output_names=["y"], dynamo=False)
+    reference = ort.InferenceSession(str(path)).run(None, {"x": np.ones((2, 64), np.float32)})[0]
+    onnx.save(onnx.load(str(path)), str(path), save_as_external_data=True, all_tensors_to_one_file=False,
+              size_threshold=0)
+    assert len(list(tmp_path.iterdir())) == 3  # the graph and one file per weight
+    external_data.gather(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph.onnx", "graph.onnx.data"]
+    model = onnx.load(str(path), load_external_data=False)
+    offsets = [int({e.key: e.value for e in t.external_data}["offset"]) for t in external_data.external_tensors(model)]
+    assert all(offset % external_data.ALIGNMENT == 0 for offset in offsets)
+    got = ort.InferenceSession(str(path)).run(None, {"x": np.ones((2, 64), np.float32)})[0]
+    assert np.array_equal(got, reference)

@@ -40,12 +40,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from calm_edge import flops
 from calm_edge.config import Config, preset
 from calm_edge.errors import CalmEdgeError
 from calm_edge.fileio import atomic_output_dir, sha256_of, write_json_atomic
 from calm_edge.models.autoencoder import Autoencoder
 from calm_edge.models.calm import CalmModel
 from calm_edge.training import checkpoint
+from calm_edge.training.language_models import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -314,17 +316,22 @@ def import_official(calm, autoencoder=None, tokenizer=None, out="runs/calm-offic
                         "tokenizer": str(tokenizer_folder)}
         info = {"imported": source_files, "official_config": calm_config, "tokens_seen": None, "data": None}
         token_file = tmp / "tokenizer.json"
-        hf_tokenizer.save(str(token_file))
+        hf_tokenizer.save(str(token_file), pretty=False)
         files = {"tokenizer.json": token_file}
         step = int(calm_config.get("global_step", 0))
-        checkpoint.save_checkpoint(tmp / "autoencoder", step, "autoencoder", config, ae_model,
-                                   {**info, "official_config": ae_config}, {}, files=files)
+        ae_saved = checkpoint.save_checkpoint(tmp / "autoencoder", step, "autoencoder", config, ae_model,
+                                              {**info, "official_config": ae_config}, {}, files=files)
         saved = checkpoint.save_checkpoint(tmp, step, "calm", config, model, info, {}, files=files)
         token_file.unlink()
         summary = {"run": str(out), "checkpoint": str(out / saved.relative_to(tmp)), "sources": source_files,
                    "parameters": model.num_parameters(), "autoencoder_parameters": ae_model.num_parameters(),
                    "config": config.to_dict()}
         write_json_atomic(tmp / IMPORT_FILE, summary)
+        # What a trained run's summary says, so that export's provenance names the autoencoder (for
+        # `eval package`'s reconstruction) and the model's size.
+        write_json_atomic(tmp / SUMMARY_FILE, {
+            "kind": "calm", "step": step, "imported": source_files, **flops.summary(config, "calm"),
+            "autoencoder": {"checkpoint": str(out / ae_saved.relative_to(tmp)), "step": step}})
     return summary
 
 

@@ -98,7 +98,17 @@ class Model {
   int chunk_size() const;           // K tokens per step (1 for AR)
   int max_context() const;          // positions: vectors of K tokens for CALM, tokens for AR
   int64_t eos_id() const;
+  int noise_size() const;           // CALM: the energy head's noise per sample
   const Tokenizer& tokenizer() const;
+
+  // The CALM graphs one call at a time, for evaluation (teacher forcing), as the Python Model has them:
+  // every chunk's hidden state [S, hidden] of one sequence from an empty cache; the energy head
+  // (hidden [rows, hidden], noise [rows, samples, noise_size] in [0, 1) -> latents [rows, samples, latent]);
+  // the decoder (latents [rows, latent] -> token ids [rows, K]).
+  std::vector<float> hidden_states(const TokenIds& ids) const;
+  std::vector<float> sample_latents(const std::vector<float>& hidden, size_t rows, const std::vector<float>& noise,
+                                    size_t samples) const;
+  TokenIds decode(const std::vector<float>& latents, size_t rows) const;
 
   struct Impl;  // defined inside the library
   const Impl& impl() const { return *impl_; }

@@ -118,10 +118,41 @@ Model::~Model() = default;
 Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
 
+std::vector<float> Model::Impl::hidden_states(const TokenIds& ids) const {
+  const int64_t chunks = static_cast<int64_t>(ids.size()) / manifest.chunk_size;
+  if (manifest.kind != "calm" || chunks < 1 || ids.size() % manifest.chunk_size)
+    throw Error("hidden_states takes the token ids of whole chunks of a CALM package");
+  TokenIds mask(chunks, 1), positions(chunks);
+  for (int64_t c = 0; c < chunks; ++c) positions[c] = c;
+  std::vector<Ort::Value> inputs;
+  const int64_t ids_shape[] = {1, static_cast<int64_t>(ids.size())}, chunk_shape[] = {1, chunks};
+  inputs.push_back(Ort::Value::CreateTensor<int64_t>(cpu_memory, const_cast<int64_t*>(ids.data()), ids.size(), ids_shape, 2));
+  inputs.push_back(Ort::Value::CreateTensor<int64_t>(cpu_memory, mask.data(), mask.size(), chunk_shape, 2));
+  inputs.push_back(Ort::Value::CreateTensor<int64_t>(cpu_memory, positions.data(), positions.size(), chunk_shape, 2));
+  const int64_t past_shape[] = {1, manifest.num_kv_heads, 0, manifest.head_dim};
+  float unused = 0;
+  for (size_t k = 0; k < past_names.size(); ++k)
+    inputs.push_back(Ort::Value::CreateTensor<float>(cpu_memory, &unused, 0, past_shape, 4));
+  std::vector<const char*> input_names = {"input_ids", "attention_mask", "position_ids"};
+  for (const std::string& name : past_names) input_names.push_back(name.c_str());
+  const char* output_names[] = {"hidden"};
+  auto outputs = step_graph->Run(Ort::RunOptions{nullptr}, input_names.data(), inputs.data(), inputs.size(),
+                                 output_names, 1);
+  const float* hidden = outputs[0].GetTensorData<float>();
+  return std::vector<float>(hidden, hidden + chunks * manifest.hidden_size);
+}
+
 const std::string& Model::kind() const { return impl_->manifest.kind; }
 int Model::chunk_size() const { return impl_->manifest.chunk_size; }
 int Model::max_context() const { return impl_->manifest.max_context; }
 int64_t Model::eos_id() const { return impl_->manifest.eos_id; }
+int Model::noise_size() const { return impl_->manifest.noise_size; }
+std::vector<float> Model::hidden_states(const TokenIds& ids) const { return impl_->hidden_states(ids); }
+std::vector<float> Model::sample_latents(const std::vector<float>& hidden, size_t rows, const std::vector<float>& noise,
+                                         size_t samples) const {
+  return impl_->sample_latents(hidden, rows, noise, samples);
+}
+TokenIds Model::decode(const std::vector<float>& latents, size_t rows) const { return impl_->decode(latents, rows); }
 const Tokenizer& Model::tokenizer() const { return impl_->tokenizer; }
 
 }  // namespace calm_edge

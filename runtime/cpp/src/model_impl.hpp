@@ -21,6 +21,8 @@ struct Model::Impl {
                                     const std::vector<float>& noise, size_t samples) const;
   // The decoder: latents [rows, latent] -> token ids [rows, K].
   TokenIds decode(const std::vector<float>& latents, size_t rows) const;
+  // The backbone over one sequence from an empty cache: every chunk's hidden state [S, hidden].
+  std::vector<float> hidden_states(const TokenIds& ids) const;
 
   std::string path;
   PackageManifest manifest;
