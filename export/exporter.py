@@ -45,7 +45,7 @@ def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_t
     its rotary embeddings as RotaryEmbedding nodes (`fused_attention.py`); PyTorch's reference
     stays the plain model.
     external_data_bytes: a graph whose weights reach this size keeps them in NAME.onnx.data (graphs
-    over 2 GB must; the default is 2 GB).
+    over 2 GB must; the default is 1 GiB, see external_data.py).
     """
     started = time.perf_counter()
     with atomic_output_dir(out, force=force, what="package") as tmp:

@@ -24,7 +24,6 @@ from safetensors.torch import save_file
 
 from calm_edge.errors import CalmEdgeError
 from calm_edge.fileio import atomic_output_dir
-from calm_edge.tokenizer import Tokenizer
 from calm_edge.training.language_models import load_language_model
 
 LOGITS_TOLERANCE = 1e-4
@@ -89,6 +88,13 @@ def tokenizer_config(tok, max_positions, pieces):
     }
 
 
+def fast_tokenizer_config(tokenizer, max_positions):
+    """tokenizer_config.json for a Hugging Face tokenizer.json (a model with the Llama-3 tokenizer)."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_positions,
+            "bos_token": tokenizer.id_to_piece(tokenizer.bos_id), "eos_token": tokenizer.id_to_piece(tokenizer.eos_id),
+            "pad_token": tokenizer.id_to_piece(tokenizer.pad_id), "clean_up_tokenization_spaces": False}
+
+
 def export_hf(checkpoint, out, force=False, real_texts=SAMPLE_TEXTS):
     """Write the AR checkpoint at `checkpoint` as a Hugging Face Llama folder `out`; returns the report."""
     model, saved = load_language_model(checkpoint)
@@ -97,8 +103,7 @@ def export_hf(checkpoint, out, force=False, real_texts=SAMPLE_TEXTS):
             f"{saved.folder} holds a {saved.kind} checkpoint; --format hf writes the token-by-token baseline "
             "only (a Llama model), pass an `calm-edge train ar` run with --ar"
         )
-    tokenizer = Tokenizer(saved.tokenizer_path)
-    pieces = [tokenizer.id_to_piece(i) for i in range(4)]
+    tokenizer = saved.tokenizer()
     with atomic_output_dir(out, force=force, what="Hugging Face checkpoint") as tmp:
         config = saved.config
         (tmp / "config.json").write_text(json.dumps(llama_config(config), indent=2) + "\n")
@@ -106,9 +111,14 @@ def export_hf(checkpoint, out, force=False, real_texts=SAMPLE_TEXTS):
                       "pad_token_id": config.tokenizer.pad_id, "do_sample": True, "temperature": 1.0, "top_k": 0}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         save_file(llama_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copyfile(saved.tokenizer_path, tmp / "tokenizer.model")
-        (tmp / "tokenizer_config.json").write_text(
-            json.dumps(tokenizer_config(config.tokenizer, config.ar.backbone.max_positions, pieces), indent=2) + "\n")
+        if tokenizer.kind == "hf-bpe":  # the tokenizer.json as it is, for the fast tokenizer
+            shutil.copyfile(saved.tokenizer_path, tmp / "tokenizer.json")
+            settings = fast_tokenizer_config(tokenizer, config.ar.backbone.max_positions)
+        else:
+            shutil.copyfile(saved.tokenizer_path, tmp / "tokenizer.model")
+            pieces = [tokenizer.id_to_piece(i) for i in range(4)]
+            settings = tokenizer_config(config.tokenizer, config.ar.backbone.max_positions, pieces)
+        (tmp / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
         report = validate_hf(model, tokenizer, tmp, real_texts)
         (tmp / "calm_edge_export.json").write_text(json.dumps(
             {"source_checkpoint": str(saved.folder), "step": saved.trainer.get("step"), "validation": report},

@@ -95,7 +95,7 @@ def quantize_package(source, out, mode, keep_fp32=(), calibration_data=(), calib
                      force=False, seed=0, progress=True):
     """Quantize the fp32 package `source` into `out`; returns the new manifest."""
     started = time.perf_counter()
-    fp32 = Model(source)
+    fp32 = Model(source, prepack_weights=False)
     manifest = fp32.manifest
     _check_request(manifest, source, out, mode, keep_fp32)
     _require_tools()
@@ -118,6 +118,9 @@ def quantize_package(source, out, mode, keep_fp32=(), calibration_data=(), calib
         calibration_info = {"data": described, "windows": len(windows), "window_tokens": len(windows[0]),
                             "feeds": {name: len(f) for name, f in calibration_feeds.items()}, "seed": seed + 1}
 
+    # The fp32 sessions go while the tools work: a tool holds a graph's weights itself, and a
+    # 1.8 B-parameter package must not be in memory three times over. They come back to validate.
+    del fp32
     with atomic_output_dir(out, force=force, what="package") as tmp:
         modes, settings = {}, {}
         for name, graph in tqdm(manifest.graphs.items(), desc=f"quantizing ({mode})", unit=" graph",
@@ -146,7 +149,7 @@ def quantize_package(source, out, mode, keep_fp32=(), calibration_data=(), calib
         # The manifest first without validation figures, so the runtime can open the folder.
         package.write_manifest(tmp, manifest.kind, manifest.model_section, manifest.provenance, quantization,
                                **about_tokenizer)
-        validation = _validate(fp32, tmp, validation_feeds, modes, described, seed)
+        validation = _validate(Model(source, prepack_weights=False), tmp, validation_feeds, modes, described, seed)
         validation["quantize_seconds"] = round(time.perf_counter() - started, 2)
         package.write_manifest(tmp, manifest.kind, manifest.model_section, manifest.provenance, quantization,
                                validation=validation, **about_tokenizer)
@@ -155,7 +158,7 @@ def quantize_package(source, out, mode, keep_fp32=(), calibration_data=(), calib
 
 def _validate(fp32, folder, feeds, modes, described, seed):
     try:
-        quantized = Model(folder)
+        quantized = Model(folder, prepack_weights=False)
     except CalmEdgeError as e:
         raise CalmEdgeError(f"the quantized package cannot be loaded: {e}; choose another --mode or --keep-fp32") from None
     graphs = {name: quant_validate.compare_graph(name, fp32.sessions[name], quantized.sessions[name], feeds[name])

@@ -95,7 +95,7 @@ def _save(model, target):
     """Save a graph, its weights in TARGET.data when they would pass protobuf's 2 GB."""
     import onnx
 
-    if _tensor_bytes(model) >= external_data.EXTERNAL_DATA_BYTES - (64 << 20):
+    if _tensor_bytes(model) >= external_data.EXTERNAL_DATA_BYTES:
         onnx.save(model, target, save_as_external_data=True, all_tensors_to_one_file=True,
                   location=external_data.data_file_name(target), size_threshold=1024)
     else:

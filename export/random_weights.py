@@ -23,7 +23,8 @@ from sentencepiece import sentencepiece_model_pb2
 from calm_edge.errors import CalmEdgeError
 from calm_edge.models.ar import ARModel
 from calm_edge.models.calm import CalmModel
-from calm_edge.tokenizer import Tokenizer
+from calm_edge.tokenizer import FILES as tokenizer_files
+from calm_edge.tokenizer import HFTokenizer, Tokenizer
 from calm_edge.training import checkpoint
 from calm_edge.training.language_models import load_language_model
 
@@ -56,22 +57,33 @@ def random_checkpoint(config, kind, tokenizer, out, seed=0, force=False):
     out = Path(out)
     if out.exists() and not force:
         raise CalmEdgeError(f"{out} already exists; pass --force to replace it or choose another --out")
-    source = Tokenizer(tokenizer)  # accepts a folder or a tokenizer.model file, with a clear error
-    ids = config.tokenizer.reserved_ids
-    special = {"pad": source.pad_id, "bos": source.bos_id, "eos": source.eos_id, "unk": source.unk_id}
-    if special != dict(ids):
-        raise CalmEdgeError(f"tokenizer {source.path} has special ids {special}, the config expects {dict(ids)}; "
-                            "use a tokenizer made by `calm-edge tokenizer train`")
+    if config.tokenizer.kind == "hf-bpe":
+        # A Hugging Face tokenizer (an imported model's, [PAD] included) must have the vocabulary as it is.
+        source = HFTokenizer(tokenizer)
+        if source.vocab_size != config.tokenizer.vocab_size:
+            raise CalmEdgeError(f"tokenizer {source.path} has {source.vocab_size} tokens, the config "
+                                f"{config.tokenizer.vocab_size}; pass the tokenizer of the model (an imported run's)")
+    else:
+        source = Tokenizer(tokenizer)  # accepts a folder or a tokenizer.model file, with a clear error
+        ids = config.tokenizer.reserved_ids
+        special = {"pad": source.pad_id, "bos": source.bos_id, "eos": source.eos_id, "unk": source.unk_id}
+        if special != dict(ids):
+            raise CalmEdgeError(f"tokenizer {source.path} has special ids {special}, the config expects {dict(ids)}; "
+                                "use a tokenizer made by `calm-edge tokenizer train`")
     torch.manual_seed(seed)
     model = CalmModel(config) if kind == "calm" else ARModel(config)
     with tempfile.TemporaryDirectory() as tmp:
-        padded = Path(tmp) / checkpoint.TOKENIZER_FILE
-        added = pad_tokenizer(source.path, padded, config.tokenizer.vocab_size)
+        if source.kind == "hf-bpe":
+            file, added = Path(source.path), 0
+        else:
+            file = Path(tmp) / checkpoint.TOKENIZER_FILE
+            added = pad_tokenizer(source.path, file, config.tokenizer.vocab_size)
         info = {"random_weights": True, "seed": seed, "tokens_seen": 0, "data": None,
                 "tokenizer_padding": {"source": str(source.path), "unused_pieces_added": added}}
         if out.exists():
             checkpoint.remove_folder(out)
-        checkpoint.save_checkpoint(out, 0, kind, config, model, info, {}, files={checkpoint.TOKENIZER_FILE: padded})
+        checkpoint.save_checkpoint(out, 0, kind, config, model, info, {},
+                                   files={tokenizer_files[source.kind]: file})
     return out
 
 

@@ -103,7 +103,7 @@ def _real_inputs(model, runtime_model):
 
 def validate_package(model, folder, e2e_prompts=3, e2e_tokens=64, seed=0, progress=True, fused_attention=False):
     """Validate the package in `folder` against `model`; returns the report, raises on failure."""
-    runtime_model = Model(folder, provider="cpu")
+    runtime_model = Model(folder, provider="cpu", prepack_weights=False)  # beside the PyTorch model: one copy
     manifest = runtime_model.manifest
     kind, section = manifest.kind, manifest.model_section
     specs = manifest.specs()

@@ -117,12 +117,17 @@ def spinning_entries(policy):
 class Model:
     """A model package opened for generation on one execution provider.
 
+    `prepack_weights=False` keeps ONNX Runtime from laying a second, faster copy of each MatMul
+    weight out in memory: what export validation and quantization do, so that a 1.8 B-parameter
+    package fits beside its PyTorch model. Graphs with external data are mapped into memory.
+
     Attributes a caller uses: `manifest` (the package's `Manifest`), `tokenizer`, `kind`,
     `chunk_size`, `max_context`, `eos_id`, `pad_id`, `noise_size`, `prompt_fill`, `sessions`
     ({graph: ONNX Runtime session}), `provider`.
     """
 
-    def __init__(self, path, provider="cpu", threads=None, engine_cache=None, verify=True, spinning=DEFAULT_SPINNING):
+    def __init__(self, path, provider="cpu", threads=None, engine_cache=None, verify=True, spinning=DEFAULT_SPINNING,
+                 prepack_weights=True):
         self.ort = _onnxruntime()
         self.path = Path(path)
         self.manifest = manifest = Manifest.read(self.path, verify=verify)
@@ -140,6 +145,8 @@ class Model:
             options.inter_op_num_threads = 1
         for key, value in spinning_entries(spinning).items():
             options.add_session_config_entry(key, value)
+        if not prepack_weights:  # one copy of the weights in memory instead of two, for slower MatMuls
+            options.add_session_config_entry("session.disable_prepacking", "1")
         self.sessions = {}
         for name in manifest.graphs:
             providers = session_providers(provider, manifest, name, engine_cache)

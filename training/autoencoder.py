@@ -6,6 +6,8 @@ then runs the shared Trainer; the model's forward is the autoencoder objective.
 import logging
 from pathlib import Path
 
+import torch
+
 from calm_edge.data import TokenShards
 from calm_edge.errors import CalmEdgeError, ConfigError
 from calm_edge.fileio import sha256_of
@@ -78,8 +80,9 @@ def find_shards_tokenizer(shards, tokenizer=None):
 def load_autoencoder(path, device="cpu"):
     """A trained autoencoder in eval mode, and its Checkpoint, from a run or checkpoint folder."""
     saved = checkpoint.load_checkpoint(path, KIND)
-    model = Autoencoder(saved.config)
-    checkpoint.load_weights_into(model, saved)
+    with torch.device("meta"):  # no weights of its own: the checkpoint's become its parameters
+        model = Autoencoder(saved.config)
+    checkpoint.load_weights_into(model, saved, assign=True)
     if not saved.tokenizer_path.is_file():
         raise CalmEdgeError(
             f"{saved.tokenizer_path} is missing; a checkpoint carries its tokenizer, copy the whole folder again"

@@ -185,10 +185,12 @@ def load_checkpoint(path, kind):
     return Checkpoint(folder=folder, kind=kind, config=config, weights=weights, trainer=trainer)
 
 
-def load_weights_into(model, checkpoint):
-    """Copy a checkpoint's weights into `model`, naming the file when they do not fit."""
+def load_weights_into(model, checkpoint, assign=False):
+    """Copy a checkpoint's weights into `model` (or, with `assign`, make them its parameters: a model
+    built on the meta device then holds the one copy the checkpoint was read into), naming the file
+    when they do not fit."""
     try:
-        model.load_state_dict(checkpoint.weights, strict=True)
+        model.load_state_dict(checkpoint.weights, strict=True, assign=assign)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[:3]
         raise CalmEdgeError(

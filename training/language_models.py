@@ -14,6 +14,8 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
 from calm_edge import flops
 from calm_edge.config import Config
 from calm_edge.data import TokenShards
@@ -107,6 +109,7 @@ def load_language_model(path, device="cpu"):
             "`calm-edge train calm` or `calm-edge train ar` run"
         )
     saved = checkpoint.load_checkpoint(folder, kind)
-    model = CalmModel(saved.config) if kind == "calm" else ARModel(saved.config)
-    checkpoint.load_weights_into(model, saved)
+    with torch.device("meta"):  # no weights of its own: the checkpoint's become its parameters
+        model = CalmModel(saved.config) if kind == "calm" else ARModel(saved.config)
+    checkpoint.load_weights_into(model, saved, assign=True)
     return model.to(device).eval(), saved

@@ -32,7 +32,7 @@ from calm_edge.config import Config
 from calm_edge.errors import CalmEdgeError
 from calm_edge.runtime.model import DEFAULT_SPINNING, available_providers
 from calm_edge.runtime.package import Manifest
-from calm_edge.tokenizer import Tokenizer
+from calm_edge.tokenizer import load_tokenizer
 
 PEER_NAMES = {"optimum": "optimum", "ort-genai": "onnxruntime-genai"}
 
@@ -88,13 +88,14 @@ def check_inputs(packages, peers, hf_dirs):
         raise CalmEdgeError(f"--peer {peers[0]} runs the AR weights from a Hugging Face folder; pass --hf DIR, "
                             "made by `calm-edge export --ar RUN --format hf --out DIR`")
     for hf in hf_dirs:
-        if not (Path(hf) / "config.json").is_file() or not (Path(hf) / "tokenizer.model").is_file():
+        if not (Path(hf) / "config.json").is_file() or not any((Path(hf) / f).is_file()
+                                                                  for f in ("tokenizer.model", "tokenizer.json")):
             raise CalmEdgeError(f"--hf {hf} is not a Hugging Face folder written by `calm-edge export --format hf` "
-                                "(it needs config.json and tokenizer.model); export it again")
+                                "(it needs config.json and tokenizer.model or tokenizer.json); export it again")
     manifests = {str(Path(p).resolve()): Manifest.read(p) for p in packages}
     tokenizers = [m.tokenizer_path for m in manifests.values()]
-    tokenizers += [Path(hf) / "tokenizer.model" for hf in hf_dirs]
-    encodings = {str(t): Tokenizer(t).encode(AGREEMENT_TEXT) for t in tokenizers}
+    tokenizers += [Path(hf) for hf in hf_dirs]
+    encodings = {str(t): load_tokenizer(t).encode(AGREEMENT_TEXT) for t in tokenizers}
     if len({tuple(ids) for ids in encodings.values()}) > 1:
         raise CalmEdgeError("the runners' tokenizers encode text differently (" + ", ".join(encodings) + "); "
                             "compare packages exported from runs trained on the same tokenizer, so every runner "
@@ -151,7 +152,7 @@ def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-wo
     manifests, tokenizer_path = check_inputs(packages, peers, hf_dirs)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    prompts = prompt_batches(Tokenizer(tokenizer_path), text, sorted({c.prompt_tokens for c in cells}),
+    prompts = prompt_batches(load_tokenizer(tokenizer_path), text, sorted({c.prompt_tokens for c in cells}),
                              max(c.batch for c in cells))
 
     specs = [{"type": "package", "path": str(p.resolve()), "candidates": candidates, "provider": provider}
