@@ -17,14 +17,16 @@ BASE = [
     "numpy>=1.24",
     "onnxruntime>=1.17",
     "sentencepiece>=0.2",
+    "tokenizers>=0.19",  # Hugging Face byte-level BPE: the Llama-3 tokenizer of the released CALM models
     "click>=8.1",
     "tqdm>=4.60",
     "pyyaml>=6.0",
 ]
 
 EXTRAS = {
-    # Training and export. The range admits the CPU build of torch 2.13.0 that CI pins first.
-    "train": ["torch>=2.4", "onnx>=1.16", "safetensors>=0.4", "matplotlib>=3.7"],
+    # Training, export and `calm-edge import`. The range admits the CPU build of torch 2.13.0 that CI
+    # pins first; huggingface_hub resolves hub ids of the released models.
+    "train": ["torch>=2.4", "onnx>=1.16", "safetensors>=0.4", "matplotlib>=3.7", "huggingface_hub>=0.20"],
     # `calm-edge quantize`: ONNX Runtime's quantization tools need onnx, and onnx-ir for int4.
     "quantize": ["onnx>=1.16", "onnx-ir>=0.1"],
     # Peer runtimes and plotting for `calm-edge bench`; transformers loads the Hugging Face export

@@ -110,10 +110,13 @@ def timed(command, log):
     stats = log.with_suffix(".time")
     with open(log, "w") as out:
         done = subprocess.run(["/usr/bin/time", "-o", str(stats), "-f", "%e %M", *command], stdout=out, stderr=out)
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed ({done.returncode}); see {log}")
     seconds, kib = stats.read_text().split()[-2:]
-    return {"seconds": round(float(seconds), 1), "peak_rss_mb": round(int(kib) * 1024 / 1e6), "command": " ".join(command)}
+    result = {"seconds": round(float(seconds), 1), "peak_rss_mb": round(int(kib) * 1024 / 1e6), "command": " ".join(command)}
+    if done.returncode != 0:  # recorded, with the log's last line, and the size's remaining steps skipped
+        lines = log.read_text(errors="replace").strip().splitlines()
+        result["failed"] = {"returncode": done.returncode, "last_line": lines[-1] if lines else ""}
+        print(f"{' '.join(command)} failed ({done.returncode}); see {log}", file=sys.stderr)
+    return result
 
 
 def folder_mb(folder):
@@ -156,16 +159,22 @@ def main():
         entry["import"] = timed([*cli, "import", "--calm", str(folder / "official" / "CALM"), "--autoencoder",
                                  str(folder / "official" / "CALM-Autoencoder"), "--tokenizer", args.tokenizer,
                                  "--out", str(run), "--force"], folder / "import.log")
+        report["sizes"][size] = entry
+        if "failed" in entry["import"]:
+            continue
         entry["parameters"] = json.loads((run / "import.json").read_text())["parameters"]
         entry["export"] = timed([*cli, "export", "--calm", str(run), "--out", str(package), "--force"],
                                 folder / "export.log")
+        if "failed" in entry["export"]:
+            continue
         entry["quantize_int4"] = timed([*cli, "quantize", "--package", str(package), "--mode", "int4", "--out",
                                         str(int4), "--force"], folder / "quantize.log")
+        if "failed" in entry["quantize_int4"]:
+            continue
         manifest = json.loads((package / "manifest.json").read_text())
         entry["package_mb"] = {"fp32": folder_mb(package), "int4": folder_mb(int4)}
         entry["external_data"] = {name: "external_data" in g for name, g in manifest["graphs"].items()}
         entry["validation"] = manifest["validation"]["end_to_end"]
-        report["sizes"][size] = entry
         print(size, json.dumps(entry), flush=True)
         write_json_atomic(args.out, report)
 
@@ -185,7 +194,7 @@ def main():
               ar / "export-hf.log")
         timed([*cli, "quantize", "--package", str(ar_package), "--mode", "int4", "--out", str(ar_int4), "--force"],
               ar / "quantize.log")
-    packages = [arg for size in args.bench.split(",") if size in report["sizes"]
+    packages = [arg for size in args.bench.split(",") if "package_mb" in report["sizes"].get(size, {})
                 for arg in ("--package", str(work / size / f"calm-{size}"), "--package", str(work / size / f"calm-{size}-int4"))]
     bench_out = work / "bench.json"
     report["bench_command"] = " ".join([
