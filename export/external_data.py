@@ -1,24 +1,23 @@
-"""Graphs over 2 GB: their weights in one ONNX external-data file beside the graph, `NAME.onnx.data`.
+"""Big graphs: their weights in one ONNX external-data file beside the graph, `NAME.onnx.data`.
 
-A protobuf message cannot exceed 2 GB, so a graph of CALM-L's or CALM-XL's backbone keeps its
-weights outside the `.onnx` file. torch's exporter then writes one file per weight next to the graph;
-`gather` streams them, one at a time, into the single `NAME.onnx.data` that the package format
-names (with its sha256) and both runtimes load, and removes the rest. Nothing here holds more than
-one weight in memory, so a 1.8 B-parameter model is exported with one copy of its weights beyond
-the model itself (the exporter's own). Each weight starts on a 4 KiB boundary, so ONNX Runtime can
-map it into memory instead of reading it.
+A protobuf message cannot exceed 2 GB, so the backbones of CALM-L and CALM-XL keep their weights
+outside the `.onnx` file, and from `EXTERNAL_DATA_BYTES` (1 GiB; tests lower it to take the path on
+tiny models) on so does every graph: ONNX Runtime then maps the file instead of parsing a copy of
+it, and the tools (ONNX's opset converter, the quantizers) handle the graph without its weights.
+CALM-M's backbone (1.4 GB) is written so; every graph of calm-edge's own models stays whole.
 
-`move_out` does the same for a graph that torch wrote whole: below 2 GB, but over the size from
-which `export` keeps weights outside anyway (`EXTERNAL_DATA_BYTES`, 1 GiB; tests lower it to
-exercise the path on tiny models). From that size on external data pays even where protobuf
-would not demand it: ONNX Runtime maps the file instead of parsing a copy of it, and the tools
-(ONNX's opset converter, the quantizers) handle the graph without its weights; CALM-M's backbone
-(1.4 GB) is written so, and every graph of calm-edge's own models stays whole.
+Such a graph is traced without its weights and `write_weights` streams them from the torch
+tensors, one at a time, so an export holds the model and at most one weight beyond it (torch's
+exporter, asked for the weights, builds the whole protobuf in memory below 2 GB, about 2.6 copies
+of them at CALM-M). `gather` streams the external weights that a tool wrote (one file per weight,
+or its own layout) into the same single aligned file. Each weight starts on a 4 KiB boundary, so
+ONNX Runtime can map it into memory instead of reading it.
 """
 from pathlib import Path
 
 ALIGNMENT = 4096
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs whose weights reach this size keep them in NAME.onnx.data
+PROTOBUF_LIMIT = 2 ** 31 - 1  # no graph at or over this size can keep its weights inside
 COPY_BLOCK = 1 << 24
 
 
@@ -77,15 +76,64 @@ def gather(graph_path):
     return target
 
 
-def move_out(graph_path):
-    """Move the weights of a graph written whole into NAME.onnx.data (a graph below 2 GB: it fits in memory)."""
+def write_weights(graph_path, tensors):
+    """Give the graph at `graph_path`, traced without its weights, its weights: `tensors` in NAME.onnx.data.
+
+    torch's exporter, asked for no weights (`export_params=False`, no constant folding), names
+    each weight a graph input after its state-dict key: `tensors` maps those names to the torch
+    tensors. Each is written straight from the tensor, one at a time, aligned, and becomes an
+    initializer. The one folding the graphs need is done here: a Transpose of a weight (every
+    Linear's `x @ W.T`) becomes the transposed weight, so MatMuls read their weights directly, as
+    ONNX Runtime and its quantizers expect; any other constant expression ONNX Runtime folds when
+    it loads the graph. Identity nodes that torch puts on a weight used twice are followed.
+    """
     import onnx
 
     graph_path = Path(graph_path)
-    model = onnx.load(str(graph_path))
-    onnx.save(model, str(graph_path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=data_file_name(graph_path), size_threshold=0)
-    return gather(graph_path)  # aligned, as every external-data file of a package
+    model = onnx.load(str(graph_path))  # no weights: small
+    graph = model.graph
+    weights = {i.name for i in graph.input if i.name in tensors}
+    source = {name: name for name in weights}  # a value name -> the weight it is
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in source:
+            source[node.output[0]] = source[node.input[0]]
+    folded, keep = {}, []
+    for node in graph.node:
+        if node.op_type == "Transpose" and node.input[0] in source:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            folded[node.output[0]] = (source[node.input[0]], perm)
+        else:
+            keep.append(node)
+    used = {name for node in keep for name in node.input} | {o.name for o in graph.output}
+    del graph.node[:]
+    graph.node.extend(keep)
+    kept_inputs = [i for i in graph.input if i.name not in weights]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    initializers = [(name, name, None) for name in sorted(weights) if name in used]
+    initializers += [(name, weight, perm) for name, (weight, perm) in folded.items() if name in used]
+    target = graph_path.parent / data_file_name(graph_path)
+    part = target.with_name(target.name + ".part")
+    with open(part, "wb") as out:
+        for name, weight, perm in initializers:
+            tensor = tensors[weight].detach()
+            if weight != name:  # a folded Transpose (no perm: reversed axes, as ONNX says)
+                tensor = tensor.permute(perm if perm is not None else list(reversed(range(tensor.dim()))))
+            array = tensor.contiguous().cpu().numpy()
+            out.write(b"\0" * (-out.tell() % ALIGNMENT))
+            start = out.tell()
+            out.write(array.tobytes())
+            initializer = graph.initializer.add()
+            initializer.name, initializer.data_type = name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+            initializer.dims.extend(array.shape)
+            initializer.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", target.name), ("offset", str(start)), ("length", str(array.nbytes))):
+                entry = initializer.external_data.add()
+                entry.key, entry.value = key, value
+            del array, tensor
+    onnx.save(model, str(graph_path))
+    part.replace(target)
+    return target
 
 
 def weight_bytes(module):

@@ -9,9 +9,7 @@ dynamic batch, sequence and past-length axes of the cache graph in one trace, an
 extra dependencies.
 """
 import warnings
-from pathlib import Path
 
-import onnx
 import torch
 import torch.nn as nn
 
@@ -19,7 +17,6 @@ from calm_edge.export import external_data
 from calm_edge.runtime import package
 
 OPSET = 17
-SMALL_PROTO_BYTES = 64 << 20  # a graph file this small whose model is large keeps its weights outside
 
 
 def _pair_up(flat):
@@ -37,6 +34,10 @@ class BackboneGraph(nn.Module):
         super().__init__()
         self.model = model
 
+    def weight_modules(self):
+        """The parts of the model whose weights this graph holds."""
+        return [self.model.embed_tokens, self.model.input_proj, self.model.backbone]
+
     def forward(self, input_ids, attention_mask, position_ids, *past):
         hidden, presents = self.model.hidden_states(input_ids, attention_mask, position_ids, _pair_up(past))
         return (hidden, *_flatten(presents))
@@ -46,6 +47,9 @@ class EnergyHeadGraph(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+
+    def weight_modules(self):
+        return [self.model.energy_head]
 
     def forward(self, hidden, noise):
         return self.model.sample_latents(hidden, noise)
@@ -58,6 +62,9 @@ class DecoderGraph(nn.Module):
         super().__init__()
         self.model = model
 
+    def weight_modules(self):
+        return [self.model.autoencoder]  # its decoder and tied embedding; the encoder's few layers besides
+
     def forward(self, latents):
         return self.model.decode_tokens(latents)
 
@@ -68,6 +75,9 @@ class ARGraph(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+
+    def weight_modules(self):
+        return [self.model]
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         logits, presents = self.model.logits(input_ids, attention_mask, position_ids, _pair_up(past))
@@ -105,10 +115,13 @@ def wrappers(kind, model):
 def export_graph(module, spec, model_section, path, external_data_bytes=external_data.EXTERNAL_DATA_BYTES):
     """Trace `module` to ONNX at `path` with the names and dynamic axes of `spec`.
 
-    Weights of `external_data_bytes` or more go to `path` + ".data" (external_data.py): torch writes
-    a graph over 2 GB with one file per weight, which are gathered into that one file.
+    A graph whose weights reach `external_data_bytes` (or protobuf's 2 GB) is traced without them
+    and gets them in `path` + ".data", streamed from the model a weight at a time
+    (external_data.write_weights); any other graph is written whole, constants folded by torch.
     """
     inputs = example_inputs(spec, model_section)
+    weight_bytes = sum(external_data.weight_bytes(m) for m in module.weight_modules())
+    external = weight_bytes >= min(external_data_bytes, external_data.PROTOBUF_LIMIT)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's tracer warnings are about Python control flow it handles
         torch.onnx.export(
@@ -117,12 +130,9 @@ def export_graph(module, spec, model_section, path, external_data_bytes=external
             output_names=[io["name"] for io in spec["outputs"]],
             dynamic_axes=package.dynamic_axes(spec),
             opset_version=OPSET,
-            do_constant_folding=True,
+            export_params=not external,
+            do_constant_folding=not external,  # folding would make weights that only the exporter holds
             dynamo=False,
         )
-    path = Path(path)
-    size = path.stat().st_size
-    if size < SMALL_PROTO_BYTES and external_data.external_tensors(onnx.load(str(path), load_external_data=False)):
-        external_data.gather(path)  # torch kept the weights of a graph over 2 GB outside, one file each
-    elif size >= external_data_bytes:
-        external_data.move_out(path)
+    if external:
+        external_data.write_weights(path, module.state_dict())

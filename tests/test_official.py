@@ -288,8 +288,31 @@ def test_graphs_with_external_data_export_quantize_and_run_in_both_runtimes(impo
     assert int4.quantization_mode == "int4" and generate_tokens(Model(tmp_path / "int4"), [prompt], params)
 
 
+def test_a_big_graph_takes_its_weights_from_the_model_once_each(official_package, imported, tmp_path):
+    """Traced without weights, then each written straight from its tensor: the whole graph's MatMuls, no copy twice."""
+    import onnx
+
+    from calm_edge.export.exporter import export_package
+
+    export_package(imported, tmp_path / "ext", progress=False, external_data_bytes=1, e2e_prompts=1, e2e_tokens=4)
+
+    def weights_of_matmuls(model):
+        shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+        return sorted(shapes[n.input[1]] for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
+                      and n.input[1] in shapes)
+
+    for name in ("backbone", "energy_head", "decoder"):
+        whole = onnx.load(str(official_package / f"{name}.onnx"))
+        split = onnx.load(str(tmp_path / "ext" / f"{name}.onnx"), load_external_data=False)
+        inits = {i.name for i in split.graph.initializer}
+        assert not [n for n in split.graph.node if n.op_type == "Transpose" and n.input[0] in inits]
+        assert weights_of_matmuls(split) == weights_of_matmuls(whole) != []
+        written = sum(int({e.key: e.value for e in i.external_data}["length"]) for i in split.graph.initializer)
+        assert written <= sum(len(i.raw_data) for i in whole.graph.initializer)  # nothing written twice
+
+
 def test_weights_written_one_file_each_are_gathered_into_one_aligned_file(tmp_path):
-    """What torch's exporter writes for a graph over 2 GB: one external file per weight."""
+    """What a tool may write (torch's exporter over 2 GB, ONNX's own save): one external file per weight."""
     import onnx
     import onnxruntime as ort
 
