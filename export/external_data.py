@@ -40,6 +40,23 @@ def external_tensors(model):
     return list(walk(model.graph))
 
 
+def _align(out):
+    """Pad the file `out` to the next ALIGNMENT boundary; returns the offset where the next weight starts."""
+    out.write(b"\0" * (-out.tell() % ALIGNMENT))
+    return out.tell()
+
+
+def _locate(tensor, file_name, offset, length):
+    """Point the initializer `tensor` at `length` bytes from `offset` of the external file `file_name`."""
+    import onnx
+
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", file_name), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
 def gather(graph_path):
     """Stream every external weight of the graph at `graph_path` into one aligned NAME.onnx.data; returns its path."""
     import onnx
@@ -55,8 +72,7 @@ def gather(graph_path):
             source = folder / info["location"]
             offset = int(info.get("offset", 0))
             length = int(info.get("length", source.stat().st_size - offset))
-            out.write(b"\0" * (-out.tell() % ALIGNMENT))
-            start = out.tell()
+            start = _align(out)
             with open(source, "rb") as f:
                 f.seek(offset)
                 left = length
@@ -64,10 +80,7 @@ def gather(graph_path):
                     block = f.read(min(COPY_BLOCK, left))
                     out.write(block)
                     left -= len(block)
-            del tensor.external_data[:]
-            for key, value in (("location", target.name), ("offset", str(start)), ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
+            _locate(tensor, target.name, start, length)
             sources.add(source)
     onnx.save(model, str(graph_path))  # the graph without its weights: small
     part.replace(target)
@@ -104,9 +117,14 @@ def write_weights(graph_path, tensors):
             folded[node.output[0]] = (source[node.input[0]], perm)
         else:
             keep.append(node)
-    used = {name for node in keep for name in node.input} | {o.name for o in graph.output}
+    # Keep the nodes the outputs need (the Identity on a weight read only by a folded Transpose goes).
+    used, live = {o.name for o in graph.output}, []
+    for node in reversed(keep):
+        if used & set(node.output):
+            live.append(node)
+            used |= set(node.input)
     del graph.node[:]
-    graph.node.extend(keep)
+    graph.node.extend(reversed(live))
     kept_inputs = [i for i in graph.input if i.name not in weights]
     del graph.input[:]
     graph.input.extend(kept_inputs)
@@ -120,16 +138,12 @@ def write_weights(graph_path, tensors):
             if weight != name:  # a folded Transpose (no perm: reversed axes, as ONNX says)
                 tensor = tensor.permute(perm if perm is not None else list(reversed(range(tensor.dim()))))
             array = tensor.contiguous().cpu().numpy()
-            out.write(b"\0" * (-out.tell() % ALIGNMENT))
-            start = out.tell()
+            start = _align(out)
             out.write(array.tobytes())
             initializer = graph.initializer.add()
             initializer.name, initializer.data_type = name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
             initializer.dims.extend(array.shape)
-            initializer.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", target.name), ("offset", str(start)), ("length", str(array.nbytes))):
-                entry = initializer.external_data.add()
-                entry.key, entry.value = key, value
+            _locate(initializer, target.name, start, array.nbytes)
             del array, tensor
     onnx.save(model, str(graph_path))
     part.replace(target)
