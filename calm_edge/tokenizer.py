@@ -171,6 +171,18 @@ class HFTokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self._tok.id_to_token(int(token_id))
 
+    def token_to_id(self, token: str):
+        return self._tok.token_to_id(token)
+
+    def add_special_token(self, token: str):
+        """Append `token` to the vocabulary as a special token (the `[PAD]` the released models' training added)."""
+        self._tok.add_special_tokens([token])
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def save(self, file):
+        """Write the tokenizer, as it is now, to `file` (compact JSON)."""
+        self._tok.save(str(file), pretty=False)
+
     def sha256(self) -> str:
         return sha256_of(self.path)
 

@@ -46,6 +46,7 @@ from calm_edge.errors import CalmEdgeError
 from calm_edge.fileio import atomic_output_dir, sha256_of, write_json_atomic
 from calm_edge.models.autoencoder import Autoencoder
 from calm_edge.models.calm import CalmModel
+from calm_edge.tokenizer import HFTokenizer
 from calm_edge.training import checkpoint
 from calm_edge.training.language_models import SUMMARY_FILE
 
@@ -124,9 +125,9 @@ def check_configs(calm, calm_path, ae, ae_path):
         if calm[key] != ae[key]:
             raise CalmEdgeError(f"the autoencoder {ae_path} has {key} {ae[key]}, the CALM model {calm_path} {calm[key]}; "
                                 "pass the autoencoder this CALM model was trained with (--autoencoder)")
+    if ae.get("rms_norm_eps", 1e-6) != 1e-6:
+        raise CalmEdgeError(f"{ae_path} has rms_norm_eps {ae['rms_norm_eps']}; calm-edge's autoencoder uses 1e-6")
     for config, path in ((calm, calm_path), (ae, ae_path)):
-        if config.get("rms_norm_eps", 1e-6) != 1e-6 and path == ae_path:
-            raise CalmEdgeError(f"{path} has rms_norm_eps {config['rms_norm_eps']}; calm-edge's autoencoder uses 1e-6")
         if config.get("hidden_act", "silu") != "silu":
             raise CalmEdgeError(f"{path} uses the activation {config['hidden_act']!r}; the official CALM models use silu")
     if ae["num_encoder_layers"] % 2 or ae["num_decoder_layers"] % 2:
@@ -279,44 +280,43 @@ def calm_names(tensors, calm):
 def import_official(calm, autoencoder=None, tokenizer=None, out="runs/calm-official", force=False):
     """Import the official CALM `calm` with its `autoencoder` (folders or hub ids) into the run folder `out`."""
     out = Path(out)
-    if out.exists() and not force:
-        raise CalmEdgeError(f"{out} already exists; choose another --out or pass --force to replace it")
-    calm_folder = resolve_folder(calm, "CALM model", "--calm")
-    calm_config = read_config(calm_folder, "CALM model")
-    if autoencoder is None:
-        recorded = calm_config.get("ae_path")
-        if not recorded or not Path(str(recorded)).is_dir():
-            raise CalmEdgeError(f"the autoencoder folder {recorded!r} that {calm_folder / CONFIG_FILE} names (its ae_path, "
-                                "a folder of the training server) does not exist here; pass --autoencoder with the "
-                                "CALM-Autoencoder folder or id (cccczshao/CALM-Autoencoder)")
-        autoencoder = recorded
-    ae_folder = resolve_folder(autoencoder, "autoencoder", "--autoencoder")
-    ae_config = read_config(ae_folder, "autoencoder")
-    check_configs(calm_config, calm_folder / CONFIG_FILE, ae_config, ae_folder / CONFIG_FILE)
-    config = calm_edge_config(calm_config, ae_config)
-    tokenizer_folder = _tokenizer_folder(calm_folder, tokenizer)
-    hf_tokenizer = _model_tokenizer(tokenizer_folder, config)  # checked before the weights are read
+    with atomic_output_dir(out, force=force, what="imported run") as tmp:  # refuses an existing `out` first
+        calm_folder = resolve_folder(calm, "CALM model", "--calm")
+        calm_config = read_config(calm_folder, "CALM model")
+        if autoencoder is None:
+            recorded = calm_config.get("ae_path")
+            if not recorded or not Path(str(recorded)).is_dir():
+                raise CalmEdgeError(f"the autoencoder folder {recorded!r} that {calm_folder / CONFIG_FILE} names (its "
+                                    "ae_path, a folder of the training server) does not exist here; pass --autoencoder "
+                                    "with the CALM-Autoencoder folder or id (cccczshao/CALM-Autoencoder)")
+            autoencoder = recorded
+        ae_folder = resolve_folder(autoencoder, "autoencoder", "--autoencoder")
+        ae_config = read_config(ae_folder, "autoencoder")
+        check_configs(calm_config, calm_folder / CONFIG_FILE, ae_config, ae_folder / CONFIG_FILE)
+        config = calm_edge_config(calm_config, ae_config)
+        tokenizer_folder = _tokenizer_folder(calm_folder, tokenizer)
+        hf_tokenizer = _model_tokenizer(tokenizer_folder, config)  # checked before the weights are read
 
-    calm_tensors = load_weights(calm_folder, "CALM model")
-    _check_alias(calm_tensors, "mlp_generator.noise_embd.weight", "generative_head.noise_embd.weight", calm_folder)
-    ours = rename(calm_tensors, calm_names(calm_tensors, calm_config), calm_folder)
-    # The autoencoder rides along in the official CALM checkpoint as ae_model.*; the folder's own is the fallback.
-    if any(k.startswith("ae_model.") for k in calm_tensors):
-        ae_tensors, ae_prefix, ae_source = calm_tensors, "ae_model.", calm_folder
-    else:
-        ae_tensors, ae_prefix, ae_source = load_weights(ae_folder, "autoencoder"), "", ae_folder
-    _check_alias(ae_tensors, f"{ae_prefix}encoder.embed_tokens.weight", f"{ae_prefix}decoder.lm_head_weight", ae_source)
-    ae_weights = rename(ae_tensors, autoencoder_names(ae_config, ae_prefix), ae_source)
-    ours.update({f"autoencoder.{name}": tensor for name, tensor in ae_weights.items()})
+        calm_tensors = load_weights(calm_folder, "CALM model")
+        _check_alias(calm_tensors, "mlp_generator.noise_embd.weight", "generative_head.noise_embd.weight", calm_folder)
+        ours = rename(calm_tensors, calm_names(calm_tensors, calm_config), calm_folder)
+        # The autoencoder rides along in the official CALM checkpoint as ae_model.*; the folder's own is the fallback.
+        if any(k.startswith("ae_model.") for k in calm_tensors):
+            ae_tensors, ae_prefix, ae_source = calm_tensors, "ae_model.", calm_folder
+        else:
+            ae_tensors, ae_prefix, ae_source = load_weights(ae_folder, "autoencoder"), "", ae_folder
+        _check_alias(ae_tensors, f"{ae_prefix}encoder.embed_tokens.weight", f"{ae_prefix}decoder.lm_head_weight",
+                     ae_source)
+        ae_weights = rename(ae_tensors, autoencoder_names(ae_config, ae_prefix), ae_source)
+        ours.update({f"autoencoder.{name}": tensor for name, tensor in ae_weights.items()})
+        model = _assemble(CalmModel, config, ours, calm_folder)
+        ae_model = _assemble(Autoencoder, config, ae_weights, ae_source)
 
-    model = _assemble(CalmModel, config, ours, calm_folder)
-    ae_model = _assemble(Autoencoder, config, ae_weights, ae_source)
-    with atomic_output_dir(out, force=force, what="imported run") as tmp:
         source_files = {"calm": _describe(calm, calm_folder), "autoencoder": _describe(autoencoder, ae_folder),
                         "tokenizer": str(tokenizer_folder)}
         info = {"imported": source_files, "official_config": calm_config, "tokens_seen": None, "data": None}
         token_file = tmp / "tokenizer.json"
-        hf_tokenizer.save(str(token_file), pretty=False)
+        hf_tokenizer.save(token_file)
         files = {"tokenizer.json": token_file}
         step = int(calm_config.get("global_step", 0))
         ae_saved = checkpoint.save_checkpoint(tmp / "autoencoder", step, "autoencoder", config, ae_model,
@@ -365,22 +365,14 @@ def _tokenizer_folder(calm_folder, tokenizer):
 
 def _model_tokenizer(folder, config):
     """The Hugging Face tokenizer with the model's vocabulary: the Llama-3 one plus the [PAD] the training added."""
-    from tokenizers import Tokenizer as HuggingFaceTokenizer
-
-    file = Path(folder) / "tokenizer.json"
-    try:
-        tok = HuggingFaceTokenizer.from_file(str(file))
-    except Exception as e:  # tokenizers raises its own exception type
-        raise CalmEdgeError(f"{file} is not a Hugging Face tokenizer ({str(e).splitlines()[0]}); pass --tokenizer "
-                            "with the Llama-3 tokenizer folder") from None
+    tok = HFTokenizer(folder)
     vocab, pad = config.tokenizer.vocab_size, config.tokenizer.pad_id
-    if tok.get_vocab_size(with_added_tokens=True) == vocab - 1 and pad == vocab - 1:
-        tok.add_special_tokens([PAD_TOKEN])
-    have = tok.get_vocab_size(with_added_tokens=True)
-    if have != vocab or tok.token_to_id(PAD_TOKEN) not in (None, pad):
-        raise CalmEdgeError(f"the tokenizer {file} has {have} tokens, the model {vocab} (pad {pad}); pass --tokenizer "
-                            "with the tokenizer the model was trained with (Llama-3)")
+    if tok.vocab_size == vocab - 1 and pad == vocab - 1:
+        tok.add_special_token(PAD_TOKEN)
+    if tok.vocab_size != vocab or tok.token_to_id(PAD_TOKEN) not in (None, pad):
+        raise CalmEdgeError(f"the tokenizer {tok.path} has {tok.vocab_size} tokens, the model {vocab} (pad {pad}); pass "
+                            "--tokenizer with the tokenizer the model was trained with (Llama-3)")
     for name in ("bos_id", "eos_id"):
-        if not 0 <= getattr(config.tokenizer, name) < have:
-            raise CalmEdgeError(f"the model's {name} is outside the tokenizer {file}; pass the Llama-3 tokenizer")
+        if not 0 <= getattr(config.tokenizer, name) < tok.vocab_size:
+            raise CalmEdgeError(f"the model's {name} is outside the tokenizer {tok.path}; pass the Llama-3 tokenizer")
     return tok
