@@ -34,7 +34,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from calm_edge.config import TokenizerConfig
+from calm_edge.config import TOKENIZER_KINDS, TokenizerConfig
 from calm_edge.corpus import iter_documents
 from calm_edge.errors import CalmEdgeError, ConfigError, DataError
 from calm_edge.fileio import atomic_output_dir, sha256_of, write_json_atomic
@@ -45,8 +45,7 @@ MODEL_FILE = "tokenizer.model"
 INFO_FILE = "tokenizer.json"
 HF_FILE = "tokenizer.json"  # a Hugging Face tokenizer: the same name, another content
 SPACE_SYMBOL = "\u2581"  # SentencePiece's meta symbol for a space
-KINDS = ("sentencepiece", "hf-bpe")
-FILES = {"sentencepiece": MODEL_FILE, "hf-bpe": HF_FILE}  # the file a package or checkpoint carries
+FILES = {"sentencepiece": MODEL_FILE, "hf-bpe": HF_FILE}  # per kind (config.TOKENIZER_KINDS): the file a package or checkpoint carries
 
 
 class Tokenizer:
@@ -203,7 +202,7 @@ def load_tokenizer(path, kind=None, special_ids=None):
         return Tokenizer(path)
     if kind == "hf-bpe":
         return HFTokenizer(path, special_ids)
-    raise CalmEdgeError(f"tokenizer kind {kind!r} is unknown; choose one of: {', '.join(KINDS)}")
+    raise CalmEdgeError(f"tokenizer kind {kind!r} is unknown; choose one of: {', '.join(TOKENIZER_KINDS)}")
 
 
 def train_tokenizer(sources, out, config: TokenizerConfig, text_field="text", force=False, progress=True):

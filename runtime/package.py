@@ -42,16 +42,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from calm_edge.config import PROMPT_FILLS  # how prompts are filled to whole chunks: the runtimes do each
 from calm_edge.errors import CalmEdgeError
 from calm_edge.fileio import sha256_of, write_json_atomic
+from calm_edge.tokenizer import FILES as TOKENIZER_FILES  # the file a package carries for each tokenizer kind
 
 FORMAT = "calm-edge-package"
 FORMAT_VERSION = 1  # what a package that needs nothing of version 2 is written as (calm-edge's own models')
 LATEST_VERSION = 2  # the newest version this calm-edge reads and writes
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"  # a SentencePiece package's; see TOKENIZER_FILES
-TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "hf-bpe": "tokenizer.json"}
-PROMPT_FILLS = ("left-eos", "right-pad")
 KINDS = ("calm", "ar")
 GRAPHS = {"calm": ("backbone", "energy_head", "decoder"), "ar": ("ar",)}
 STEP_GRAPH = {"calm": "backbone", "ar": "ar"}  # the graph that holds the key/value cache
