@@ -145,6 +145,23 @@ def check_prompts(prompts, chunk_size, max_context):
             )
 
 
+def accept_chunk(tokens, chunk, params, model, position):
+    """What a row keeps of its new chunk, and why it stops (None while it runs on).
+
+    The chunk is cut at max_new_tokens and before eos; a row also stops when its next position
+    would leave the context. Shared by `Generator` and the runtime's `Engine`, so both stop
+    rows alike.
+    """
+    kept = list(chunk[:params.max_new_tokens - len(tokens)])
+    if params.stop_at_eos and model.eos_id in kept:
+        return kept[:kept.index(model.eos_id)], "eos"
+    if len(tokens) + len(kept) >= params.max_new_tokens:
+        return kept, "max_new_tokens"
+    if position + 1 >= model.max_context:
+        return kept, "context"
+    return kept, None
+
+
 class Generator:
     """One batch of prompts (lists of token ids) generated step by step; see the module docstring.
 
@@ -206,9 +223,9 @@ class Generator:
             self._last = self.state.advance(ids, self.position[:, None])
         done = [not run for run in running]
         if self.model.kind == "calm":
-            self._chunks = _sample_chunks(self.state, self.model, self.sampler, self._last, self.rngs, done)
+            self._chunks = sample_chunks(self.state, self.model, self.sampler, self._last, self.rngs, done)
         else:
-            self._chunks = _sample_tokens(self._last, self.sampler.n, self.rngs, done, pad)
+            self._chunks = sample_tokens(self._last, self.sampler.n, self.rngs, done, pad)
         new_ids = [[] for _ in self.tokens]
         for row, chunk in enumerate(self._chunks):
             if running[row]:
@@ -224,18 +241,11 @@ class Generator:
             yield self.step()
 
     def _accept(self, row, chunk):
-        """Append a row's chunk, cut at max_new_tokens and before eos; set its stop reason when done."""
-        params = self.params
-        kept = list(chunk[:params.max_new_tokens - len(self.tokens[row])])
-        if params.stop_at_eos and self.model.eos_id in kept:
-            kept = kept[:kept.index(self.model.eos_id)]
-            self.stop_reasons[row] = "eos"
+        """Append a row's chunk (see `accept_chunk`); set its stop reason when done."""
+        kept, reason = accept_chunk(self.tokens[row], chunk, self.params, self.model, self.position[row])
         self.tokens[row].extend(kept)
         if self.stop_reasons[row] is None:
-            if len(self.tokens[row]) >= params.max_new_tokens:
-                self.stop_reasons[row] = "max_new_tokens"
-            elif self.position[row] + 1 >= self.model.max_context:
-                self.stop_reasons[row] = "context"
+            self.stop_reasons[row] = reason
         return kept
 
     def trace(self):
@@ -256,7 +266,7 @@ def generate_tokens(model, prompts, params: GeneratorParams = None, sampler=None
     return generator.tokens
 
 
-def _sample_chunks(state, model, sampler, hidden, rngs, done):
+def sample_chunks(state, model, sampler, hidden, rngs, done):
     """One chunk per row (a pad chunk for finished rows), each row drawing from its own stream."""
     K, noise_size, pad = model.chunk_size, model.noise_size, model.pad_id
     active = [row for row in range(len(rngs)) if not done[row]]
@@ -280,6 +290,6 @@ def _sample_chunks(state, model, sampler, hidden, rngs, done):
     return chunks
 
 
-def _sample_tokens(logits, n, rngs, done, pad):
+def sample_tokens(logits, n, rngs, done, pad):
     probs = softmax_power(logits, n)
     return [[pad] if done[row] else [sample_from_probs(probs[row], rngs[row].draw_one())] for row in range(len(rngs))]

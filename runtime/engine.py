@@ -1,0 +1,279 @@
+"""`Engine`: in-flight (continuous) batching over one `Model`, for servers and applications.
+
+    engine = Engine(model, max_batch=16)
+    first = engine.add_request(prompt_ids, GeneratorParams(max_new_tokens=64, seed=1))
+    while engine.has_work:
+        for output in engine.step():          # RequestOutput: request_id, new_ids, stop_reason
+            ...                               # a request may join (add_request) or leave (cancel) here
+
+A `Generator` runs one batch from start to end: its rows are padded once and the batch runs
+until its longest row ends. An `Engine` keeps one running batch for its whole life instead. A
+request joins it between two steps and leaves it at the step it ends, so a short request never
+waits for a long one:
+
+- `add_request` checks the request (the same checks as a Generator's) and queues it.
+- `step()` first lets queued requests into the free rows of the batch (`max_batch` rows):
+  the newcomers' prompts are prefilled together, in one backbone call of their own, and each
+  newcomer's cache is placed into a row of the batch's cache (`kv_cache.SlotCache`), right-aligned
+  with the others, its mask zero where it has no entries and its positions its own. The rows
+  that were already running advance by one backbone call on the chunks they chose at the
+  previous step. Then every row samples its next chunk (CALM) or token (AR), and a row that
+  ended (eos, max_new_tokens, the context, or `cancel`) leaves the batch at once: the last row
+  moves into its place, so the graphs always run on exactly the rows that are running.
+- `cancel(request_id)` ends a request: a queued one leaves the queue, a running one its row.
+
+Each request draws from its own `RandomStream(seed, stream)` (stream 0 unless the params name
+one), in the order the randomness contract fixes, so its tokens are those the same request gives
+alone through a Generator, whatever joins or leaves the batch around it (tests check this). Rows
+may use different samplers (temperature, method, candidates): rows that share one are sampled
+together.
+
+`batching="static"` admits newcomers only when the batch is empty: the classic static batch,
+kept as the baseline that the serving benchmark measures continuous batching against.
+
+The cache lives in host memory (numpy), where the engine can move rows between steps; with the
+cuda or tensorrt provider the step graph then reads it from the host at each step.
+"""
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from calm_edge.errors import CalmEdgeError
+from calm_edge.runtime.generator import (GeneratorParams, accept_chunk, check_prompts, fill_to_chunks, left_pad,
+                                         sample_chunks, sample_tokens)
+from calm_edge.runtime.kv_cache import SlotCache
+from calm_edge.runtime.rng import RandomStream
+
+BATCHING = ("continuous", "static")
+
+
+@dataclass
+class RequestOutput:
+    """What one step did for one request: its new token ids, and why it ended once it has."""
+
+    request_id: object
+    new_ids: list
+    stop_reason: str = None  # None while it runs; one of generator.STOP_REASONS or "cancelled"
+
+    @property
+    def finished(self):
+        return self.stop_reason is not None
+
+
+@dataclass
+class _Request:
+    id: object
+    prompt: list  # filled to whole chunks
+    params: GeneratorParams
+    sampler: object
+    rng: RandomStream
+    tokens: list = field(default_factory=list)
+    stop_reason: str = None
+    position: int = 0  # the row's last position so far
+    chunk: list = None  # the chunk chosen at the last step, fed to the backbone at the next
+    added_at: float = 0.0
+
+
+class Engine:
+    """One running batch of up to `max_batch` requests over `model`; see the module docstring."""
+
+    def __init__(self, model, max_batch=16, batching="continuous"):
+        if batching not in BATCHING:
+            raise CalmEdgeError(f"batching={batching!r}: choose one of {', '.join(BATCHING)}")
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+            raise CalmEdgeError(f"max_batch={max_batch!r} must be a whole number of at least 1")
+        self.model, self.max_batch, self.batching = model, max_batch, batching
+        manifest = model.manifest
+        self._session = model.sessions[manifest.step_graph]
+        # A row spans at most max_context positions; one more column is the step being computed.
+        self.cache = SlotCache(manifest.past_names, manifest.present_names, max_batch, manifest.num_kv_heads,
+                               manifest.head_dim, model.max_context + 1, model.cache_dtype)
+        self.mask = np.zeros((0, 0), np.int64)
+        self.rows = []  # the running requests, in the cache's row order
+        self.queue = deque()  # requests waiting for a row
+        self._ids = itertools.count()
+        self.timings = {name: 0.0 for name in model.sessions}
+
+    # ----- the public API ------------------------------------------------------------------
+
+    def add_request(self, prompt_ids, params: GeneratorParams = None, request_id=None):
+        """Queue a request (a prompt's token ids); returns its id. Every check runs here, before it is queued."""
+        params = params or GeneratorParams()
+        sampler = params.check()
+        prompt = [int(t) for t in prompt_ids]
+        check_prompts([prompt], self.model.chunk_size, self.model.max_context)
+        streams = params.streams if params.streams is not None else [0]
+        if len(streams) != 1:
+            raise CalmEdgeError(f"{len(streams)} random streams for one request; give one stream (or none)")
+        request_id = next(self._ids) if request_id is None else request_id
+        if any(r.id == request_id for r in itertools.chain(self.rows, self.queue)):
+            raise CalmEdgeError(f"request id {request_id!r} is already in use; give each request its own id")
+        model = self.model
+        filled = fill_to_chunks(prompt, model.chunk_size, model.eos_id, getattr(model, "prompt_fill", "left-eos"),
+                                model.pad_id)
+        self.queue.append(_Request(request_id, filled, params, sampler, RandomStream(params.seed, streams[0]),
+                                   added_at=time.perf_counter()))
+        return request_id
+
+    def cancel(self, request_id):
+        """End a request now; returns whether it was queued or running. A running one leaves at the next step."""
+        for request in itertools.chain(self.queue, self.rows):
+            if request.id == request_id and request.stop_reason is None:
+                request.stop_reason = "cancelled"
+                return True
+        return False
+
+    @property
+    def has_work(self):
+        """Whether a step would do anything: requests running, queued or cancelled but not yet reported."""
+        return bool(self.rows or self.queue)
+
+    @property
+    def running(self):
+        return len(self.rows)
+
+    @property
+    def waiting(self):
+        return sum(1 for r in self.queue if r.stop_reason is None)
+
+    def step(self):
+        """One step of the running batch; returns a `RequestOutput` for every request it advanced or ended."""
+        outputs = [RequestOutput(r.id, [], r.stop_reason) for r in self.queue if r.stop_reason]
+        self.queue = deque(r for r in self.queue if not r.stop_reason)
+        outputs += [RequestOutput(r.id, [], r.stop_reason) for r in self.rows if r.stop_reason]
+        self._leave([i for i, r in enumerate(self.rows) if r.stop_reason])
+
+        hidden = []
+        if self.rows:
+            hidden.append(self._advance())
+        newcomers = self._admit()
+        if newcomers:
+            hidden.append(self._prefill(newcomers))
+        if not self.rows:
+            return outputs
+        last = np.concatenate(hidden) if len(hidden) > 1 else hidden[0]
+        for request, chunk in zip(self.rows, self._sample(last)):
+            kept, reason = accept_chunk(request.tokens, chunk, request.params, self.model, request.position)
+            request.tokens.extend(kept)
+            request.chunk, request.stop_reason = chunk, reason
+            outputs.append(RequestOutput(request.id, kept, reason))
+        self._leave([i for i, r in enumerate(self.rows) if r.stop_reason])
+        return outputs
+
+    # ----- the batch -------------------------------------------------------------------------
+
+    def _leave(self, indices):
+        """Remove rows from the batch: each gap is filled by the last row, so rows stay packed."""
+        for index in sorted(indices, reverse=True):
+            last = len(self.rows) - 1
+            if index != last:
+                self.cache.move_row(last, index)
+                self.mask[index] = self.mask[last]
+                self.rows[index] = self.rows[last]
+            self.rows.pop()
+            self.cache.rows -= 1
+        self.mask = self.mask[:len(self.rows)]
+        if not self.rows:
+            self.cache.rows, self.cache.length, self.mask = 0, 0, np.zeros((0, 0), np.int64)
+
+    def _admit(self):
+        """The queued requests that get a row at this step (static batching: only into an empty batch)."""
+        if self.batching == "static" and self.rows:
+            return []
+        free = self.max_batch - len(self.rows)
+        return [self.queue.popleft() for _ in range(min(free, len(self.queue)))]
+
+    def _advance(self):
+        """One backbone call for the running rows on the chunks they chose; returns their step output."""
+        # Drop the left columns that no running row attends, when the cache is full or they are many.
+        used = self.mask.any(axis=0)
+        first = int(used.argmax()) if used.any() else self.mask.shape[1]
+        if first and (self.cache.length + 1 > self.cache.capacity or first >= self.cache.length // 4):
+            self.cache.resize(self.cache.length - first)
+            self.mask = self.mask[:, first:]
+        for request in self.rows:
+            request.position += 1
+        ids = np.array([r.chunk for r in self.rows], np.int64)
+        positions = np.array([[r.position] for r in self.rows], np.int64)
+        self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], axis=1)
+        return self._run(ids, positions)
+
+    def _run(self, input_ids, position_ids):
+        model, manifest = self.model, self.model.manifest
+        binding = self._session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
+        rows, new_positions = position_ids.shape
+        width = manifest.step_output_width
+        shape = (rows, width) if model.kind == "ar" else (rows, new_positions, width)
+        last = np.empty(shape, model.step_output_dtype)
+        binding.bind_output(manifest.step_output, "cpu", 0, last.dtype, list(shape), last.ctypes.data)
+        total = self.cache.bind(binding, new_positions)
+        began = time.perf_counter()
+        self._session.run_with_iobinding(binding)
+        self.timings[manifest.step_graph] += time.perf_counter() - began
+        self.cache.commit(total)
+        return last[:, -1] if last.ndim == 3 else last
+
+    def _prefill(self, newcomers):
+        """Prefill the newcomers together and place their caches into rows at the end of the batch."""
+        model, manifest = self.model, self.model.manifest
+        ids, mask, positions = left_pad([r.prompt for r in newcomers], model.chunk_size, model.pad_id)
+        state = model.new_state(len(newcomers), mask.shape[1])
+        hidden = state.start(ids, mask, positions)
+        for name, seconds in state.timings.items():
+            self.timings[name] += seconds
+        width = mask.shape[1]
+        if width > self.cache.length:  # newcomers longer than the batch: columns are added on the left
+            self.cache.resize(width)
+            self.mask = np.concatenate([np.zeros((len(self.rows), width - self.mask.shape[1]), np.int64), self.mask],
+                                       axis=1)
+        entries = {name: state.cache.buffers[name][0].numpy()[:len(newcomers) * manifest.num_kv_heads * width
+                                                              * manifest.head_dim]
+                   .reshape(len(newcomers), manifest.num_kv_heads, width, manifest.head_dim)
+                   for name in manifest.past_names}
+        rows = np.zeros((len(newcomers), self.cache.length), np.int64)
+        rows[:, self.cache.length - width:] = mask
+        for i, request in enumerate(newcomers):
+            self.cache.place(len(self.rows), {name: values[i] for name, values in entries.items()})
+            request.position = int(positions[i, -1])
+            self.rows.append(request)
+        self.mask = np.concatenate([self.mask, rows]) if self.mask.size else rows
+        return hidden
+
+    def _sample(self, last):
+        """Each running row's next chunk (CALM) or token (AR); rows sharing a sampler are sampled together."""
+        chunks = [None] * len(self.rows)
+        groups = {}
+        for index, request in enumerate(self.rows):
+            p = request.params
+            groups.setdefault((p.temperature, p.method, p.candidates), []).append(index)
+        for indices in groups.values():
+            sampler = self.rows[indices[0]].sampler
+            rngs = [self.rows[i].rng for i in indices]
+            done = [False] * len(indices)
+            if self.model.kind == "calm":
+                picked = sample_chunks(self, self.model, sampler, last[indices], rngs, done)
+            else:
+                picked = sample_tokens(last[indices], sampler.n, rngs, done, self.model.pad_id)
+            for i, chunk in zip(indices, picked):
+                chunks[i] = chunk
+        return chunks
+
+    # The sampling calls of `sample_chunks`, timed like StepState's.
+
+    def sample_latents(self, hidden, noise):
+        began = time.perf_counter()
+        latents = self.model.sample_latents(hidden, noise)
+        self.timings["energy_head"] += time.perf_counter() - began
+        return latents
+
+    def decode(self, latents):
+        began = time.perf_counter()
+        token_ids = self.model.decode(latents)
+        self.timings["decoder"] += time.perf_counter() - began
+        return token_ids
