@@ -669,6 +669,45 @@ def generate_command(package_dir, checkpoint, prompt, max_new_tokens, temperatur
     click.echo()
 
 
+# ----- serving --------------------------------------------------------------------------------
+
+
+@main.command("serve")
+@click.option("--package", "package_dir", type=click.Path(), required=True, help="Model package folder (CALM or AR).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(1, 256), default=16, show_default=True,
+              help="Rows of the running batch: requests generated at once.")
+@click.option("--max-queue", type=click.IntRange(0, 100000), default=256, show_default=True,
+              help="Requests that may wait for a row; beyond them the server answers 429.")
+@click.option("--batching", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True,
+              help="continuous: requests join the running batch between steps; static: only an empty batch.")
+@click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=600.0, show_default=True,
+              help="Seconds a request may take from arrival to its last token; then 504.")
+@click.option("--shutdown-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="On SIGTERM, seconds in-flight requests get to finish before they are ended (503).")
+@click.option("--model-name", default=None, help="The model id /v1/models reports (default: the package folder's name).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime intra-op threads (default: all cores).")
+def serve_command(package_dir, host, port, max_batch, max_queue, batching, request_timeout, shutdown_timeout,
+                  model_name, provider, threads):
+    """Serve a package over the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+
+    Example: calm-edge serve --package models/calm-small-int4 --port 8000
+    """
+    from calm_edge.runtime import Model
+    from calm_edge.serve.app import serve
+
+    model = Model(package_dir, provider=provider, threads=threads)
+
+    def ready(server):
+        click.echo(f"serving {model.kind} package {package_dir} as {model_name or model.path.name} on "
+                   f"http://{host}:{port}/v1 (max batch {max_batch}, {batching} batching)", err=True)
+
+    serve(model, host=host, port=port, shutdown_timeout=shutdown_timeout, on_ready=ready, max_batch=max_batch,
+          max_queue=max_queue, batching=batching, request_timeout=request_timeout, model_name=model_name)
+
+
 # ----- benchmarks -----------------------------------------------------------------------------
 
 

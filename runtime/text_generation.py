@@ -24,7 +24,7 @@ class GenerationResult:
     stopped_by: str  # "eos", "stop_sequence", "max_new_tokens" or "context"
 
 
-class _TextTracker:
+class TextTracker:
     """Decodes one row's tokens incrementally and watches for stop sequences."""
 
     def __init__(self, tokenizer, stop_sequences):
@@ -69,7 +69,7 @@ def generate(model, prompts, params: GeneratorParams = None):
     params = params or GeneratorParams()
     single = isinstance(prompts, str)
     texts, encoded = _encode_prompts(model, prompts)
-    trackers = [_TextTracker(model.tokenizer, params.stop_sequences) for _ in texts]
+    trackers = [TextTracker(model.tokenizer, params.stop_sequences) for _ in texts]
     generator = Generator(model, encoded, params)
     for _ in _pieces(generator, trackers):
         pass
@@ -84,5 +84,5 @@ def stream(model, prompt, params: GeneratorParams = None):
     params = params or GeneratorParams()
     _, encoded = _encode_prompts(model, [prompt])
     generator = Generator(model, encoded, params)
-    trackers = [_TextTracker(model.tokenizer, params.stop_sequences)]
+    trackers = [TextTracker(model.tokenizer, params.stop_sequences)]
     yield from (piece for _, piece in _pieces(generator, trackers) if piece)
