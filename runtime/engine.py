@@ -12,14 +12,17 @@ request joins it between two steps and leaves it at the step it ends, so a short
 waits for a long one:
 
 - `add_request` checks the request (the same checks as a Generator's) and queues it.
-- `step()` first lets queued requests into the free rows of the batch (`max_batch` rows):
-  the newcomers' prompts are prefilled together, in one backbone call of their own, and each
-  newcomer's cache is placed into a row of the batch's cache (`kv_cache.SlotCache`), right-aligned
-  with the others, its mask zero where it has no entries and its positions its own. The rows
-  that were already running advance by one backbone call on the chunks they chose at the
-  previous step. Then every row samples its next chunk (CALM) or token (AR), and a row that
-  ended (eos, max_new_tokens, the context, or `cancel`) leaves the batch at once: the last row
-  moves into its place, so the graphs always run on exactly the rows that are running.
+- `step()` does one of two things. When requests are queued and rows are free, it admits
+  them: the newcomers' prompts are prefilled together, in one backbone call of their own, each
+  newcomer's cache is placed into a row of the batch's cache (`kv_cache.SlotCache`),
+  right-aligned with the others, its mask zero where it has no entries and its positions its
+  own, and each samples its first chunk; the running rows wait for this one step, so that a
+  newcomer's first tokens take one prefill, not a prefill after a decode step of the whole
+  batch (prefill first, as vLLM schedules). Otherwise the running rows advance: one backbone
+  call on the chunks they chose at the previous step, then each samples its next chunk (CALM)
+  or token (AR). A row that ended (eos, max_new_tokens, the context, or `cancel`) leaves the
+  batch at once: the last row moves into its place, so the graphs always run on exactly the
+  rows that are running.
 - `cancel(request_id)` ends a request: a queued one leaves the queue, a running one its row.
 
 Each request draws from its own `RandomStream(seed, stream)` (stream 0 unless the params name
@@ -28,8 +31,10 @@ alone through a Generator, whatever joins or leaves the batch around it (tests c
 may use different samplers (temperature, method, candidates): rows that share one are sampled
 together.
 
-`batching="static"` admits newcomers only when the batch is empty: the classic static batch,
-kept as the baseline that the serving benchmark measures continuous batching against.
+`batching="static"` is the classic static batch, what a `Generator` does, kept as the baseline
+that the serving benchmark measures continuous batching against: newcomers are admitted only
+into an empty batch, and a row that ended stays in it (fed pad chunks, masked, not sampled)
+until the batch's last row ends.
 
 The cache lives in host memory (numpy), where the engine can move rows between steps; with the
 cuda or tensorrt provider the step graph then reads it from the host at each step.
@@ -74,7 +79,7 @@ class _Request:
     stop_reason: str = None
     position: int = 0  # the row's last position so far
     chunk: list = None  # the chunk chosen at the last step, fed to the backbone at the next
-    added_at: float = 0.0
+    reported: bool = False  # whether an output has told the caller that it ended
 
 
 class Engine:
@@ -114,8 +119,7 @@ class Engine:
         model = self.model
         filled = fill_to_chunks(prompt, model.chunk_size, model.eos_id, getattr(model, "prompt_fill", "left-eos"),
                                 model.pad_id)
-        self.queue.append(_Request(request_id, filled, params, sampler, RandomStream(params.seed, streams[0]),
-                                   added_at=time.perf_counter()))
+        self.queue.append(_Request(request_id, filled, params, sampler, RandomStream(params.seed, streams[0])))
         return request_id
 
     def cancel(self, request_id):
@@ -140,30 +144,46 @@ class Engine:
         return sum(1 for r in self.queue if r.stop_reason is None)
 
     def step(self):
-        """One step of the running batch; returns a `RequestOutput` for every request it advanced or ended."""
+        """One step; returns a `RequestOutput` for every request it advanced or ended.
+
+        A step either admits newcomers (their prefill and first tokens, while the running rows
+        wait: a newcomer's time to first token is then one prefill, not a prefill after a
+        decode step of the whole batch) or advances the running rows by one chunk.
+        """
         outputs = [RequestOutput(r.id, [], r.stop_reason) for r in self.queue if r.stop_reason]
         self.queue = deque(r for r in self.queue if not r.stop_reason)
-        outputs += [RequestOutput(r.id, [], r.stop_reason) for r in self.rows if r.stop_reason]
-        self._leave([i for i, r in enumerate(self.rows) if r.stop_reason])
-
-        hidden = []
-        if self.rows:
-            hidden.append(self._advance())
+        for request in self.rows:
+            if request.stop_reason and not request.reported:  # cancelled since the last step
+                request.reported = True
+                outputs.append(RequestOutput(request.id, [], request.stop_reason))
+        self._retire()
         newcomers = self._admit()
         if newcomers:
-            hidden.append(self._prefill(newcomers))
-        if not self.rows:
-            return outputs
-        last = np.concatenate(hidden) if len(hidden) > 1 else hidden[0]
-        for request, chunk in zip(self.rows, self._sample(last)):
+            first = len(self.rows)
+            last = self._prefill(newcomers)
+            indices = range(first, len(self.rows))
+        else:
+            live = [i for i, r in enumerate(self.rows) if not r.stop_reason]
+            if not live:
+                return outputs
+            last = self._advance()[live]
+            indices = live
+        for index, chunk in zip(indices, self._sample(last, indices)):
+            request = self.rows[index]
             kept, reason = accept_chunk(request.tokens, chunk, request.params, self.model, request.position)
             request.tokens.extend(kept)
-            request.chunk, request.stop_reason = chunk, reason
+            request.chunk, request.stop_reason, request.reported = chunk, reason, reason is not None
             outputs.append(RequestOutput(request.id, kept, reason))
-        self._leave([i for i, r in enumerate(self.rows) if r.stop_reason])
+        self._retire()
         return outputs
 
     # ----- the batch -------------------------------------------------------------------------
+
+    def _retire(self):
+        """Ended rows leave the batch: at once (continuous), or all together when the last ends (static)."""
+        ended = [i for i, r in enumerate(self.rows) if r.stop_reason]
+        if self.batching == "continuous" or len(ended) == len(self.rows):
+            self._leave(ended)
 
     def _leave(self, indices):
         """Remove rows from the batch: each gap is filled by the last row, so rows stay packed."""
@@ -187,7 +207,7 @@ class Engine:
         return [self.queue.popleft() for _ in range(min(free, len(self.queue)))]
 
     def _advance(self):
-        """One backbone call for the running rows on the chunks they chose; returns their step output."""
+        """One backbone call for every row on the chunk it chose; returns the rows' step output."""
         # Drop the left columns that no running row attends, when the cache is full or they are many.
         used = self.mask.any(axis=0)
         first = int(used.argmax()) if used.any() else self.mask.shape[1]
@@ -196,7 +216,8 @@ class Engine:
             self.mask = self.mask[:, first:]
         for request in self.rows:
             request.position += 1
-        ids = np.array([r.chunk for r in self.rows], np.int64)
+        pad = [self.model.pad_id] * self.model.chunk_size  # for the ended rows a static batch keeps
+        ids = np.array([pad if r.stop_reason else r.chunk for r in self.rows], np.int64)
         positions = np.array([[r.position] for r in self.rows], np.int64)
         self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], axis=1)
         return self._run(ids, positions)
@@ -245,23 +266,26 @@ class Engine:
         self.mask = np.concatenate([self.mask, rows]) if self.mask.size else rows
         return hidden
 
-    def _sample(self, last):
-        """Each running row's next chunk (CALM) or token (AR); rows sharing a sampler are sampled together."""
-        chunks = [None] * len(self.rows)
+    def _sample(self, last, indices):
+        """The next chunk (CALM) or token (AR) of the rows `indices`, whose step outputs are `last`.
+
+        Rows that share a sampler (temperature, method, candidates) are sampled together.
+        """
+        indices = list(indices)
+        chunks = [None] * len(indices)
         groups = {}
-        for index, request in enumerate(self.rows):
-            p = request.params
-            groups.setdefault((p.temperature, p.method, p.candidates), []).append(index)
-        for indices in groups.values():
-            sampler = self.rows[indices[0]].sampler
-            rngs = [self.rows[i].rng for i in indices]
-            done = [False] * len(indices)
+        for position, index in enumerate(indices):
+            p = self.rows[index].params
+            groups.setdefault((p.temperature, p.method, p.candidates), []).append(position)
+        for members in groups.values():
+            requests = [self.rows[indices[m]] for m in members]
+            rngs, done = [r.rng for r in requests], [False] * len(members)
             if self.model.kind == "calm":
-                picked = sample_chunks(self, self.model, sampler, last[indices], rngs, done)
+                picked = sample_chunks(self, self.model, requests[0].sampler, last[members], rngs, done)
             else:
-                picked = sample_tokens(last[indices], sampler.n, rngs, done, self.model.pad_id)
-            for i, chunk in zip(indices, picked):
-                chunks[i] = chunk
+                picked = sample_tokens(last[members], requests[0].sampler.n, rngs, done, self.model.pad_id)
+            for m, chunk in zip(members, picked):
+                chunks[m] = chunk
         return chunks
 
     # The sampling calls of `sample_chunks`, timed like StepState's.
