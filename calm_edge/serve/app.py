@@ -244,8 +244,13 @@ def _event(obj):
 
 def serve(model, host="127.0.0.1", port=8000, shutdown_timeout=30.0, log_level="warning", on_ready=None, **options):
     """Run the server until SIGTERM or Ctrl-C; in-flight requests get `shutdown_timeout` seconds to finish."""
+    import sys
+
     import uvicorn
 
+    # The engine thread's Python (sampling, bookkeeping) and the event loop share the GIL; a
+    # request that arrives should not wait the default 5 ms for it.
+    sys.setswitchinterval(0.0005)
     app = create_app(model, shutdown_timeout=shutdown_timeout, **options)
     # uvicorn waits for open connections a little longer than the worker gives requests, so every
     # response ends with the worker's 503 (or finishes) instead of a cut connection.

@@ -56,6 +56,11 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+def _put_all(deliveries):
+    for job, event in deliveries:
+        job.events.put_nowait(event)
+
+
 class EngineWorker:
     """Runs `engine` in a thread; `submit` and `cancel` are called from the event loop."""
 
@@ -67,6 +72,7 @@ class EngineWorker:
         self.pending = 0  # submitted and not yet given a row (or ended): the queue that max_queue bounds
         self.stopping = False
         self.stop_deadline = None  # after it, every request still running is ended (503)
+        self._batch = []  # (job, event) of the step being delivered
         self.thread = threading.Thread(target=self._run, name="calm-edge-engine", daemon=True)
 
     def start(self):
@@ -119,9 +125,10 @@ class EngineWorker:
             if self.engine.has_work:
                 outputs = self.engine.step()
                 self.metrics.steps.inc()
-                now = time.perf_counter()
+                now, self._batch = time.perf_counter(), []
                 for output in outputs:
                     self._deliver(output, now)
+                self._flush()
             self.metrics.batch(self.engine.running, self.pending)
         self._end_all()
 
@@ -182,13 +189,19 @@ class EngineWorker:
             job.last_at = now
             job.completion_tokens += len(output.new_ids)
             self.metrics.completion_tokens.inc(len(output.new_ids))
-            job.send("text", job.tracker.add(output.new_ids), len(output.new_ids))
+            self._batch.append((job, ("text", job.tracker.add(output.new_ids), len(output.new_ids))))
             if job.tracker.stopped:
                 self.engine.cancel(job.id)
                 self._end(job, "stop")
                 return
         if output.finished and output.stop_reason != "cancelled":
             self._end(job, finish_reason(output.stop_reason))
+
+    def _flush(self):
+        """Hand a step's text to the handlers in one wake-up of the event loop, not one per request."""
+        if self._batch:
+            self._batch[0][0].loop.call_soon_threadsafe(_put_all, self._batch)
+        self._batch = []
 
     def _expire(self):
         now = time.perf_counter()
@@ -205,6 +218,7 @@ class EngineWorker:
         self.jobs.pop(job.id, None)
         self.metrics.duration.observe(time.perf_counter() - job.arrived)
         if reason is not None:
+            self._flush()  # the text of this step first
             job.send("end", reason)
 
     def _fail(self, job, status, body):
