@@ -209,7 +209,10 @@ class Engine:
     def _advance(self):
         """One backbone call for every row on the chunk it chose; returns the rows' step output."""
         # Drop the left columns that no running row attends, when the cache is full or they are many.
-        used = self.mask.any(axis=0)
+        # The ended rows a static batch keeps do not count: their output is never read, and their
+        # columns would otherwise hold the cache past the context.
+        live = [i for i, r in enumerate(self.rows) if not r.stop_reason]
+        used = self.mask[live].any(axis=0)
         first = int(used.argmax()) if used.any() else self.mask.shape[1]
         if first and (self.cache.length + 1 > self.cache.capacity or first >= self.cache.length // 4):
             self.cache.resize(self.cache.length - first)

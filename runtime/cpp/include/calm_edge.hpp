@@ -1,4 +1,5 @@
-// calm-edge C++ runtime: load a model package, generate text, stream it.
+// calm-edge C++ runtime: load a model package, generate text, stream it, or serve many requests at
+// once with in-flight batching (Engine, at the end).
 //
 //     #include <calm_edge.hpp>
 //
@@ -187,5 +188,56 @@ std::vector<GenerationResult> generate(const Model& model, const std::vector<std
 // New token ids for each prompt of token ids: a Generator run to the end.
 std::vector<TokenIds> generate_tokens(const Model& model, const std::vector<TokenIds>& prompts,
                                       const GeneratorParams& params = {});
+
+// What one Engine step did for one request.
+struct RequestOutput {
+  uint64_t request_id = 0;
+  TokenIds new_ids;         // the tokens it accepted at this step (none for a cancelled request)
+  std::string stop_reason;  // "" while it runs, else "eos", "max_new_tokens", "context" or "cancelled"
+  bool finished() const { return !stop_reason.empty(); }
+};
+
+// In-flight (continuous) batching over one Model, token for token the Python runtime's Engine
+// (runtime/engine.py), for servers and applications:
+//
+//     calm_edge::Engine engine(model, 16);
+//     const uint64_t id = engine.add_request(model.tokenizer().encode("The history of"), params);
+//     while (engine.has_work())
+//       for (const calm_edge::RequestOutput& output : engine.step()) { /* output.new_ids ... */ }
+//
+// A Generator runs one batch from start to end; an Engine keeps one running batch for its whole
+// life. A request joins it between two steps and leaves it at the step it ends, so a short request
+// never waits for a long one. A step either admits queued requests into free rows (their prompts
+// prefilled together, each one's cache placed into the batch's) and samples their first chunk, or
+// advances every running row by one chunk (CALM) or token (AR). Each request draws from its own
+// RandomStream(seed, stream), so its tokens are those it gets alone from a Generator, whatever joins
+// or leaves the batch around it. batching "static" is the classic static batch that the serving
+// benchmark compares against: requests are admitted only into an empty batch, and ended rows stay
+// (fed pad chunks) until the last one ends. An Engine is used from one thread at a time.
+class Engine {
+ public:
+  // max_batch: the most requests running at once (at least 1); batching: "continuous" or "static".
+  explicit Engine(const Model& model, size_t max_batch = 16, const std::string& batching = "continuous");
+  ~Engine();
+  Engine(Engine&&) noexcept;
+  Engine& operator=(Engine&&) noexcept;
+
+  // Queue a request; returns its id (0, 1, 2, ... in order, or the caller's own). Every check runs
+  // here (the Generator's, and at most one stream: params.streams empty means stream 0).
+  uint64_t add_request(const TokenIds& prompt, const GeneratorParams& params = {});
+  uint64_t add_request(const TokenIds& prompt, const GeneratorParams& params, uint64_t request_id);
+  // End a queued or running request; false if it is neither. The next step reports it "cancelled".
+  bool cancel(uint64_t request_id);
+  // One step: an output for every request it advanced, admitted or ended.
+  std::vector<RequestOutput> step();
+
+  bool has_work() const;   // requests running, queued, or cancelled and not yet reported
+  size_t running() const;  // rows in the batch (a static batch counts its ended rows until it empties)
+  size_t waiting() const;  // queued requests not cancelled
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 }  // namespace calm_edge

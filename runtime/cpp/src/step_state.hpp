@@ -21,6 +21,8 @@ class StepState {
   // One step on [batch, K] new tokens at position_ids [batch, 1]; the mask grows by a column of ones.
   std::vector<float> advance(const TokenIds& input_ids, const TokenIds& position_ids);
 
+  const KVCache& cache() const { return cache_; }
+
  private:
   std::vector<float> run(const TokenIds& input_ids, const TokenIds& position_ids, size_t sequence);
 
