@@ -9,9 +9,12 @@
     while not generator.done:                     # the caller owns the loop
         new_ids = generator.step()
 
+    engine = Engine(model, max_batch=16)          # in-flight batching: requests join and leave between steps
+
 It may import numpy, onnxruntime and sentencepiece, never torch (a test checks this in a
 process where torch cannot be imported).
 """
+from calm_edge.runtime.engine import Engine, RequestOutput
 from calm_edge.runtime.generator import Generator, GeneratorParams, generate_tokens
 from calm_edge.runtime.model import Model, available_providers
 from calm_edge.runtime.package import Manifest
@@ -21,5 +24,5 @@ from calm_edge.runtime.text_generation import GenerationResult, generate, stream
 from calm_edge.runtime.timing import Trace
 from calm_edge.tokenizer import Tokenizer
 
-__all__ = ["GenerationResult", "Generator", "GeneratorParams", "Manifest", "Model", "RandomStream",
-           "TemperatureSampler", "Tokenizer", "Trace", "available_providers", "generate", "generate_tokens", "stream"]
+__all__ = ["Engine", "GenerationResult", "Generator", "GeneratorParams", "Manifest", "Model", "RandomStream",
+           "RequestOutput", "TemperatureSampler", "Tokenizer", "Trace", "available_providers", "generate", "generate_tokens", "stream"]

@@ -36,8 +36,9 @@ def test_non_editable_install_into_a_fresh_venv(tmp_path):
     assert install.returncode == 0, install.stdout + install.stderr
 
     where = subprocess.run(
-        [python, "-c", "import calm_edge, calm_edge.runtime, calm_edge.training, calm_edge.export, calm_edge.models; "
-                       "print(calm_edge.__file__); print(calm_edge.runtime.__file__); print(calm_edge.models.__file__)"],
+        [python, "-c", "import calm_edge, calm_edge.runtime, calm_edge.training, calm_edge.export, calm_edge.models, "
+                       "calm_edge.serve.app; print(calm_edge.__file__); print(calm_edge.runtime.__file__); "
+                       "print(calm_edge.models.__file__); print(calm_edge.serve.app.__file__)"],
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert where.returncode == 0, where.stderr
@@ -46,4 +47,4 @@ def test_non_editable_install_into_a_fresh_venv(tmp_path):
 
     cli = subprocess.run([env_dir / "bin" / "calm-edge", "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert cli.returncode == 0, cli.stderr
-    assert "tokenizer" in cli.stdout and "data" in cli.stdout
+    assert "tokenizer" in cli.stdout and "data" in cli.stdout and "serve" in cli.stdout
