@@ -56,7 +56,7 @@ with p99 TTFT at C = 1 (all rounds pooled), goal < 3.
 
 The soak (`--soak MINUTES`, default 10): the small CALM package, continuous batching, a steady
 mixed load from `--soak-concurrency` clients: streaming and non-streaming requests at T = 1 and
-T = 1/2 (batch approximation, 16 candidates), max_tokens from 1 to 128, clients that close the
+T = 1/2 (batch approximation, 16 candidates), max_tokens from 1 to 128 (stopping at eos), clients that close the
 stream after a few chunks, and malformed requests that must get a 4xx with a JSON body
 {"error": {"message", "type", "param", "code"}}. It checks that every request sent got exactly
 one outcome, that no response id appears twice and that the server's /metrics counted every
@@ -71,6 +71,7 @@ another server build).
 import argparse
 import asyncio
 import datetime
+import gc
 import json
 import os
 import platform
@@ -357,6 +358,18 @@ def make_client(base_url, connections, timeout_s):
 
 # ---------------------------------------------------------------------------------------------
 # Load generators
+
+def run_load(coroutine):
+    """Run one cell's load with the client's garbage collector off (collected before and after), so that
+    a collection pause in this process is not counted as the server's latency."""
+    gc.collect()
+    gc.disable()
+    try:
+        return asyncio.run(coroutine)
+    finally:
+        gc.enable()
+        gc.collect()
+
 
 async def closed_loop(base_url, specs, concurrency, max_seconds, timeout_s, temperature=1.0):
     """C clients, each sending its next request when the previous one ended; no new request after max_seconds."""
@@ -665,8 +678,8 @@ def warm_up(server, args, prompts):
     """Unmeasured requests at every batch size up to max-batch (the first calls of each shape are slow)."""
     specs = make_requests(args.max_batch + 1, 999, prompts, (8,), tag="warmup")
     started = time.perf_counter()
-    records, _, _ = asyncio.run(closed_loop(server.url, specs[:1], 1, args.max_seconds, args.timeout))
-    more, _, _ = asyncio.run(closed_loop(server.url, specs[1:], args.max_batch, args.max_seconds, args.timeout))
+    records, _, _ = run_load(closed_loop(server.url, specs[:1], 1, args.max_seconds, args.timeout))
+    more, _, _ = run_load(closed_loop(server.url, specs[1:], args.max_batch, args.max_seconds, args.timeout))
     records += more
     failed = [r for r in records if r["outcome"] != "ok"]
     server.info["warmup"] = {"requests": len(records), "failed": len(failed), "s": round(time.perf_counter() - started, 2)}
@@ -695,7 +708,7 @@ class Recorder:
 
     def closed(self, key, kind, batching, concurrency, rnd, server, specs, args, other=None):
         cpu, other_cpu, client_cpu = server.cpu_s(), other.cpu_s() if other else None, time.process_time()
-        records, wall, first_idle = asyncio.run(closed_loop(server.url, specs, concurrency, args.max_seconds, args.timeout))
+        records, wall, first_idle = run_load(closed_loop(server.url, specs, concurrency, args.max_seconds, args.timeout))
         figures = cell_figures(records, wall, first_idle)
         figures["server_cpu_s"] = round(server.cpu_s() - cpu, 2)
         figures["client_cpu_s"] = round(time.process_time() - client_cpu, 2)
@@ -705,7 +718,7 @@ class Recorder:
 
     def poisson(self, key, kind, rnd, server, specs, arrivals, rate, args):
         cpu = server.cpu_s()
-        records, wall = asyncio.run(open_loop(server.url, specs, arrivals, args.max_batch, args.max_seconds, args.timeout))
+        records, wall = run_load(open_loop(server.url, specs, arrivals, args.max_batch, args.max_seconds, args.timeout))
         figures = cell_figures(records, wall)
         waits = [r["cap_wait"] for r in records]
         figures.update(rate_per_s=round(rate, 4), offered_requests=len(specs),
@@ -896,11 +909,14 @@ async def soak_load(server, args, prompts, duration_s):
                     record = await plain_request(client, spec, t0, body=body)
                 record["malformed"] = name
             elif what == "disconnect":
-                record = await stream_request(client, spec, t0, disconnect_after=int(rng.integers(1, 4)))
+                record = await stream_request(client, spec, t0, disconnect_after=int(rng.integers(1, 4)),
+                                              body=request_body(spec, True, ignore_eos=False))
             else:
                 temperature = 0.5 if what.endswith("t0.5") else 1.0
                 request = stream_request if what.startswith("stream") else plain_request
-                record = await request(client, spec, t0, temperature)
+                # The model stops at eos here, as a user's requests do (the measured cells run to max_tokens).
+                record = await request(client, spec, t0, temperature,
+                                       body=request_body(spec, request is stream_request, temperature, ignore_eos=False))
             record["what"] = what
             outcomes.setdefault(spec["id"], []).append(record["outcome"])
             records.append(record)

@@ -43,6 +43,12 @@ class TextTracker:
         self.emitted = max(self.emitted, ready)
         return piece
 
+    def finish(self):
+        """The text held back at the end (a UTF-8 character whose last bytes never came, as U+FFFD)."""
+        piece = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return piece
+
 
 def _encode_prompts(model, prompts):
     if isinstance(prompts, str):
@@ -86,3 +92,6 @@ def stream(model, prompt, params: GeneratorParams = None):
     generator = Generator(model, encoded, params)
     trackers = [TextTracker(model.tokenizer, params.stop_sequences)]
     yield from (piece for _, piece in _pieces(generator, trackers) if piece)
+    rest = trackers[0].finish()
+    if rest:  # so that the streamed pieces add up to what `generate` returns
+        yield rest

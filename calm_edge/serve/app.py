@@ -244,6 +244,7 @@ def _event(obj):
 
 def serve(model, host="127.0.0.1", port=8000, shutdown_timeout=30.0, log_level="warning", on_ready=None, **options):
     """Run the server until SIGTERM or Ctrl-C; in-flight requests get `shutdown_timeout` seconds to finish."""
+    import gc
     import sys
 
     import uvicorn
@@ -258,17 +259,20 @@ def serve(model, host="127.0.0.1", port=8000, shutdown_timeout=30.0, log_level="
                             timeout_graceful_shutdown=shutdown_timeout + 5, lifespan="on")
     server = uvicorn.Server(config)
     handle_exit = server.handle_exit
+    original_startup = server.startup
+
+    async def startup(sockets=None):
+        await original_startup(sockets=sockets)
+        # The model, sessions and app are long-lived: frozen out of the collector, a collection
+        # scans only what requests allocate, and its pauses stay short.
+        gc.collect()
+        gc.freeze()
+        if server.started and on_ready is not None:
+            on_ready(server)
+    server.startup = startup
 
     def on_signal(sig, frame):
         app.app.state.worker.begin_stop(shutdown_timeout)
         handle_exit(sig, frame)
     server.handle_exit = on_signal
-    if on_ready is not None:
-        original = server.startup
-
-        async def startup(sockets=None):
-            await original(sockets=sockets)
-            if server.started:
-                on_ready(server)
-        server.startup = startup
     server.run()

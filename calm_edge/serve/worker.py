@@ -218,6 +218,9 @@ class EngineWorker:
         self.jobs.pop(job.id, None)
         self.metrics.duration.observe(time.perf_counter() - job.arrived)
         if reason is not None:
+            rest = job.tracker.finish()  # text held back for a UTF-8 character that never completed
+            if rest:
+                self._batch.append((job, ("text", rest, 0)))
             self._flush()  # the text of this step first
             job.send("end", reason)
 
