@@ -51,6 +51,7 @@ from calm_edge.runtime.generator import (GeneratorParams, accept_chunk, check_pr
                                          sample_chunks, sample_tokens)
 from calm_edge.runtime.kv_cache import SlotCache
 from calm_edge.runtime.rng import RandomStream
+from calm_edge.runtime.step_state import TimedSampling
 
 BATCHING = ("continuous", "static")
 
@@ -82,7 +83,7 @@ class _Request:
     reported: bool = False  # whether an output has told the caller that it ended
 
 
-class Engine:
+class Engine(TimedSampling):
     """One running batch of up to `max_batch` requests over `model`; see the module docstring."""
 
     def __init__(self, model, max_batch=16, batching="continuous"):
@@ -290,17 +291,3 @@ class Engine:
             for m, chunk in zip(members, picked):
                 chunks[m] = chunk
         return chunks
-
-    # The sampling calls of `sample_chunks`, timed like StepState's.
-
-    def sample_latents(self, hidden, noise):
-        began = time.perf_counter()
-        latents = self.model.sample_latents(hidden, noise)
-        self.timings["energy_head"] += time.perf_counter() - began
-        return latents
-
-    def decode(self, latents):
-        began = time.perf_counter()
-        token_ids = self.model.decode(latents)
-        self.timings["decoder"] += time.perf_counter() - began
-        return token_ids

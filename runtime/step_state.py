@@ -13,7 +13,26 @@ import numpy as np
 from calm_edge.runtime.kv_cache import KVCache
 
 
-class StepState:
+class TimedSampling:
+    """The energy-head and decoder calls of a step, their seconds added to `self.timings`.
+
+    Shared by `StepState` and the runtime's `Engine`: both have `self.model` and `self.timings`.
+    """
+
+    def sample_latents(self, hidden, noise):
+        began = time.perf_counter()
+        latents = self.model.sample_latents(hidden, noise)
+        self.timings["energy_head"] += time.perf_counter() - began
+        return latents
+
+    def decode(self, latents):
+        began = time.perf_counter()
+        token_ids = self.model.decode(latents)
+        self.timings["decoder"] += time.perf_counter() - began
+        return token_ids
+
+
+class StepState(TimedSampling):
     """The per-generation state of a runtime `Model`: `model.new_state(batch, capacity)` makes one."""
 
     def __init__(self, model, batch, capacity):
@@ -55,14 +74,3 @@ class StepState:
         self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), dtype=np.int64)], axis=1)
         return self._run(input_ids, position_ids)
 
-    def sample_latents(self, hidden, noise):
-        began = time.perf_counter()
-        latents = self.model.sample_latents(hidden, noise)
-        self.timings["energy_head"] += time.perf_counter() - began
-        return latents
-
-    def decode(self, latents):
-        began = time.perf_counter()
-        token_ids = self.model.decode(latents)
-        self.timings["decoder"] += time.perf_counter() - began
-        return token_ids
