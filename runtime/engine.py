@@ -224,43 +224,49 @@ class Engine(TimedSampling):
         ids = np.array([pad if r.stop_reason else r.chunk for r in self.rows], np.int64)
         positions = np.array([[r.position] for r in self.rows], np.int64)
         self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], axis=1)
-        return self._run(ids, positions)
+        return self._run(ids, self.mask, positions)
 
-    def _run(self, input_ids, position_ids):
+    def _run(self, input_ids, mask, position_ids, presents=None):
+        """One step-graph call. The cache is the batch's (`SlotCache`), or, for a prefill from an empty
+        cache, `presents` {past name: array [rows, kv_heads, S, head_dim]} that receive the new entries."""
         model, manifest = self.model, self.model.manifest
         binding = self._session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
         rows, new_positions = position_ids.shape
         width = manifest.step_output_width
         shape = (rows, width) if model.kind == "ar" else (rows, new_positions, width)
         last = np.empty(shape, model.step_output_dtype)
         binding.bind_output(manifest.step_output, "cpu", 0, last.dtype, list(shape), last.ctypes.data)
-        total = self.cache.bind(binding, new_positions)
+        if presents is None:
+            total = self.cache.bind(binding, new_positions)
+        else:
+            empty = np.empty(1, self.cache.dtype)  # a past of length 0 still needs an address
+            for past, present in zip(manifest.past_names, manifest.present_names):
+                values = presents[past]
+                binding.bind_input(past, "cpu", 0, values.dtype, [rows, values.shape[1], 0, values.shape[3]],
+                                   empty.ctypes.data)
+                binding.bind_output(present, "cpu", 0, values.dtype, list(values.shape), values.ctypes.data)
         began = time.perf_counter()
         self._session.run_with_iobinding(binding)
         self.timings[manifest.step_graph] += time.perf_counter() - began
-        self.cache.commit(total)
+        if presents is None:
+            self.cache.commit(total)
         return last[:, -1] if last.ndim == 3 else last
 
     def _prefill(self, newcomers):
         """Prefill the newcomers together and place their caches into rows at the end of the batch."""
         model, manifest = self.model, self.model.manifest
         ids, mask, positions = left_pad([r.prompt for r in newcomers], model.chunk_size, model.pad_id)
-        state = model.new_state(len(newcomers), mask.shape[1])
-        hidden = state.start(ids, mask, positions)
-        for name, seconds in state.timings.items():
-            self.timings[name] += seconds
         width = mask.shape[1]
+        entries = {name: np.empty((len(newcomers), manifest.num_kv_heads, width, manifest.head_dim), self.cache.dtype)
+                   for name in manifest.past_names}
+        hidden = self._run(ids, mask, positions, presents=entries)
         if width > self.cache.length:  # newcomers longer than the batch: columns are added on the left
             self.cache.resize(width)
             self.mask = np.concatenate([np.zeros((len(self.rows), width - self.mask.shape[1]), np.int64), self.mask],
                                        axis=1)
-        entries = {name: state.cache.buffers[name][0].numpy()[:len(newcomers) * manifest.num_kv_heads * width
-                                                              * manifest.head_dim]
-                   .reshape(len(newcomers), manifest.num_kv_heads, width, manifest.head_dim)
-                   for name in manifest.past_names}
         rows = np.zeros((len(newcomers), self.cache.length), np.int64)
         rows[:, self.cache.length - width:] = mask
         for i, request in enumerate(newcomers):
