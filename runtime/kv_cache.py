@@ -38,9 +38,13 @@ class KVCache:
             raise ValueError(f"cache of {self.capacity} positions cannot hold {total}")
         for past, present in zip(self.past_names, self.present_names):
             source, target = self.buffers[past]
-            binding.bind_input(past, self.device, 0, self.dtype, self.shape(self.length), source.data_ptr())
-            binding.bind_output(present, self.device, 0, self.dtype, self.shape(total), target.data_ptr())
+            binding.bind_input(past, self.device, 0, self.dtype, self.shape(self.length), self._address(source))
+            binding.bind_output(present, self.device, 0, self.dtype, self.shape(total), self._address(target))
         return total
+
+    @staticmethod
+    def _address(buffer):
+        return buffer.data_ptr()
 
     def commit(self, total):
         """After the run: the present just written becomes the next step's past."""
@@ -53,25 +57,34 @@ class KVCache:
         return one * 2 * len(self.buffers)
 
 
-class SlotCache:
+class SlotCache(KVCache):
     """The key/value cache of an `Engine`'s running batch: rows that join and leave between steps.
 
-    Host (numpy) ping-pong buffers like `KVCache`'s, for `slots` rows of up to `capacity`
-    positions, viewed as [rows, kv_heads, length, head_dim] for the rows running now. Rows are
-    kept packed at the front (rows 0..n-1), so a step runs the graph on exactly the n running
-    rows, whatever the batch's size; every row's entries end at the same column (the newest),
-    and each row's mask says where its own entries begin. The engine rearranges rows between
-    steps: `move_row` (a row that left is replaced by the last), `place` (a newcomer's prefilled
-    cache, right-aligned), `resize` (columns added on the left, or left columns that no row
-    attends dropped).
+    `KVCache`'s ping-pong buffers and binding, in host (numpy) memory, for `slots` rows of up to
+    `capacity` positions, viewed as [rows, kv_heads, length, head_dim] for the rows running now.
+    Rows are kept packed at the front (rows 0..n-1), so a step runs the graph on exactly the n
+    running rows, whatever the batch's size; every row's entries end at the same column (the
+    newest), and each row's mask says where its own entries begin. The engine rearranges rows
+    between steps: `move_row` (a row that left is replaced by the last), `place` (a newcomer's
+    prefilled cache, right-aligned), `resize` (columns added on the left, or left columns that
+    no row attends dropped).
     """
 
     def __init__(self, past_names, present_names, slots, kv_heads, head_dim, capacity, dtype=np.float32):
         self.past_names, self.present_names = past_names, present_names
-        self.kv_heads, self.head_dim, self.capacity, self.dtype = kv_heads, head_dim, capacity, dtype
+        self.kv_heads, self.head_dim, self.capacity, self.dtype, self.device = kv_heads, head_dim, capacity, dtype, "cpu"
         size = slots * kv_heads * capacity * head_dim
         self.buffers = {name: [np.zeros(size, dtype), np.zeros(size, dtype)] for name in past_names}
         self.rows, self.length = 0, 0
+
+    @property
+    def batch(self):
+        """The rows running now: what `KVCache.bind` binds."""
+        return self.rows
+
+    @staticmethod
+    def _address(buffer):
+        return buffer.ctypes.data
 
     def view(self, name, rows=None, length=None, which=0):
         """Buffer `which` of cache tensor `name` as [rows, kv_heads, length, head_dim] (a view, no copy)."""
@@ -80,42 +93,23 @@ class SlotCache:
         shape = (rows, self.kv_heads, length, self.head_dim)
         return self.buffers[name][which][:int(np.prod(shape))].reshape(shape)
 
-    def bind(self, binding, new_positions):
-        """Bind the running rows' past as inputs and their present (one step longer) as outputs."""
-        total = self.length + new_positions
-        if total > self.capacity:
-            raise ValueError(f"cache of {self.capacity} positions cannot hold {total}")
-        for past, present in zip(self.past_names, self.present_names):
-            source, target = self.buffers[past]
-            shape = [self.rows, self.kv_heads, self.length, self.head_dim]
-            binding.bind_input(past, "cpu", 0, self.dtype, shape, source.ctypes.data)
-            binding.bind_output(present, "cpu", 0, self.dtype, [self.rows, self.kv_heads, total, self.head_dim],
-                                target.ctypes.data)
-        return total
-
-    def commit(self, total):
-        for pair in self.buffers.values():
-            pair.reverse()
-        self.length = total
-
     def move_row(self, source, target):
         for name in self.buffers:
             view = self.view(name)
             view[target] = view[source]
 
-    def resize(self, length, rows=None):
-        """Keep the newest `length` columns of the first `rows` rows (zeros where there were none)."""
-        rows = self.rows if rows is None else rows
+    def resize(self, length):
+        """Keep the newest `length` columns of the running rows (zeros where there were none)."""
         if length > self.capacity:
             raise ValueError(f"cache of {self.capacity} positions cannot hold {length}")
         keep = min(length, self.length)
         for name in self.buffers:
-            old = self.view(name, rows)
-            new = self.view(name, rows, length, which=1)
+            old = self.view(name)
+            new = self.view(name, length=length, which=1)
             new[:, :, :length - keep] = 0
             new[:, :, length - keep:] = old[:, :, self.length - keep:]
             self.buffers[name].reverse()
-        self.rows, self.length = rows, length
+        self.length = length
 
     def place(self, row, entries):
         """Row `row` (<= rows) holds `entries` {past name: [kv_heads, P, head_dim]}, ending at the newest column."""
