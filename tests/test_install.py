@@ -3,6 +3,7 @@ import shutil
 import subprocess
 import sys
 import venv
+from pathlib import Path
 
 from conftest import REPO
 
@@ -24,11 +25,19 @@ def test_non_editable_install_into_a_fresh_venv(tmp_path):
     # Build from a copy of the source, as `pip install .` from a clone would.
     source = tmp_path / "src"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-        ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
+        ".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
     env_dir = tmp_path / "venv"
-    # The system's site-packages provide the dependencies, pip and setuptools, so the test needs no network.
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    # The running environment's site-packages provide the dependencies, pip and setuptools, so the
+    # test needs no network. Not `system_site_packages`: that is the base interpreter's, which lacks
+    # them when the tests run in a virtual environment (README's set-up). Plain paths in a .pth
+    # file, not `site.addsitedir`, so the running environment's own editable install of calm-edge
+    # (a .pth hook there) stays out of the new one.
+    venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
+    inner_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    outer_sites = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (Path(inner_site) / "running-environment.pth").write_text("\n".join(outer_sites) + "\n")
     install = subprocess.run(
         [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet", str(source)],
         capture_output=True, text=True, cwd=tmp_path,
