@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from calm_edge.errors import CalmEdgeError
+from calm_edge.runtime import limits
 from calm_edge.runtime.rng import RandomStream
 from calm_edge.runtime.sampling import TemperatureSampler
 from calm_edge.runtime.timing import Trace
@@ -78,8 +79,14 @@ class GeneratorParams:
 
     def check(self):
         """Check the values; returns the TemperatureSampler they describe."""
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise CalmEdgeError(f"max_new_tokens={self.max_new_tokens!r} must be a positive whole number")
+        limits.check_whole("max_new_tokens", self.max_new_tokens, 1, limits.MAX_NEW_TOKENS,
+                           " (generation also ends when the model's context is full)")
+        limits.check_whole("candidates", self.candidates, 1, limits.MAX_CANDIDATES)
+        limits.check_seed(self.seed)
+        if isinstance(self.stop_sequences, str) or not all(isinstance(s, str) and s for s in self.stop_sequences):
+            raise CalmEdgeError(f"stop_sequences (--stop) {self.stop_sequences!r} must be a list of non-empty strings")
+        for stream in self.streams or ():
+            limits.check_whole("streams", stream, 0, limits.SEED_MAX)
         return TemperatureSampler(self.temperature, self.method, self.candidates)
 
 
@@ -181,6 +188,9 @@ class Generator:
         if len(streams) != len(prompts):
             raise CalmEdgeError(f"{len(streams)} random streams for {len(prompts)} prompts; give one per prompt")
         self.rngs = [RandomStream(self.params.seed, s) for s in streams]
+        if model.kind == "calm":
+            draws = self.sampler.draws_per_round() * (1 if self.sampler.single_round() else self.sampler.trials_per_call)
+            limits.check_draws(model, len(prompts), draws, f"candidates={self.params.candidates} at T = 1/{self.sampler.n}")
 
         fill = getattr(model, "prompt_fill", "left-eos")
         rows = [fill_to_chunks(p, K, eos, fill, pad) for p in prompts]

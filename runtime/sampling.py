@@ -29,10 +29,12 @@ drawn. It therefore returns the same chunk and consumes the same random values a
 per call, whatever `trials_per_call` is: the randomness contract is unchanged, and the C++
 runtime does the same.
 """
+import math
 from collections import Counter
 from math import comb
 
 from calm_edge.errors import CalmEdgeError
+from calm_edge.runtime.limits import MAX_CANDIDATES
 
 METHODS = ("exact", "batch")
 
@@ -43,6 +45,8 @@ def temperature_exponent(temperature):
         temperature = float(temperature)
     except (TypeError, ValueError):
         raise CalmEdgeError(f"temperature {temperature!r} is not a number; use 1, 1/2 (0.5), 1/3, ...") from None
+    if not math.isfinite(temperature):
+        raise CalmEdgeError(f"temperature {temperature} is not a finite number; use 1, 1/2 (0.5), 1/3, ...")
     if temperature <= 0 or temperature > 1:
         raise CalmEdgeError(f"temperature {temperature} is out of range; CALM samples at T = 1/n: 1, 0.5, 0.333..., 0.25, ...")
     n = round(1.0 / temperature)
@@ -82,10 +86,14 @@ class TemperatureSampler:
         self.n = temperature_exponent(temperature)
         if method not in METHODS:
             raise CalmEdgeError(f"sampling method {method!r} is unknown; choose one of: {', '.join(METHODS)}")
+        if self.n > MAX_CANDIDATES:
+            raise CalmEdgeError(f"temperature 1/{self.n} is too low: T = 1/n needs n <= {MAX_CANDIDATES}, the most "
+                                "candidates a step may draw; use a higher temperature")
         if method == "batch" and candidates < self.n:
             raise CalmEdgeError(
                 f"{candidates} candidates cannot show a chunk {self.n} times, which T = 1/{self.n} needs; "
-                f"pass --candidates {self.n} or more (at least {4 * self.n} for a good approximation)"
+                f"pass --candidates {self.n} or more"
+            + (f" (at least {4 * self.n} for a good approximation)" if 4 * self.n <= MAX_CANDIDATES else "")
             )
         self.method, self.candidates, self.max_rounds = method, candidates, max_rounds
         self.trials_per_call = max(1, trials_per_call)

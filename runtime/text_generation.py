@@ -53,8 +53,12 @@ class TextTracker:
 def _encode_prompts(model, prompts):
     if isinstance(prompts, str):
         prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise CalmEdgeError(f"prompts {prompts!r} must be a string or a list of strings")
     for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt:
+        if not isinstance(prompt, str):
+            raise CalmEdgeError(f"prompt {i} is {type(prompt).__name__} {prompt!r}, not text; pass a string")
+        if not prompt:
             raise CalmEdgeError(f"prompt {i} is empty; give some text to continue")
     return list(prompts), [model.tokenizer.encode_prompt(p) for p in prompts]
 
