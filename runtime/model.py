@@ -21,6 +21,7 @@ import numpy as np
 
 from calm_edge.errors import CalmEdgeError
 from calm_edge.runtime.kv_cache import ONNX_TO_NUMPY
+from calm_edge.runtime.limits import check_threads
 from calm_edge.runtime.package import Manifest
 from calm_edge.runtime.step_state import StepState
 from calm_edge.tokenizer import load_tokenizer
@@ -128,6 +129,9 @@ class Model:
 
     def __init__(self, path, provider="cpu", threads=None, engine_cache=None, verify=True, spinning=DEFAULT_SPINNING,
                  prepack_weights=True):
+        threads = check_threads(threads)  # before any work: a bad request costs nothing
+        if not isinstance(path, (str, os.PathLike)):
+            raise CalmEdgeError(f"Model(path={path!r}): the path must be a package folder's path (str or Path)")
         self.ort = _onnxruntime()
         self.path = Path(path)
         self.manifest = manifest = Manifest.read(self.path, verify=verify)
@@ -136,8 +140,6 @@ class Model:
         self.chunk_size, self.max_context = manifest.chunk_size, manifest.max_context
         self.prompt_fill = manifest.prompt_fill
         self.eos_id, self.pad_id, self.noise_size = manifest.eos_id, manifest.pad_id, manifest.noise_size
-        if threads is not None and threads < 1:
-            raise CalmEdgeError(f"threads={threads} must be at least 1")
 
         options = self.ort.SessionOptions()
         if threads:
