@@ -17,6 +17,7 @@ Presets:
 import copy
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,7 @@ class Config:
                 raise ConfigError(
                     f"{section}.backbone.num_heads={bb.num_heads} is not divisible by num_kv_heads={bb.num_kv_heads}"
                 )
+        _check_ranges(self, "")
         for section in ("train_autoencoder", "train_calm", "train_ar"):
             seq_len = getattr(self, section).seq_len
             if seq_len % ae.chunk_size:
@@ -248,10 +250,71 @@ class Config:
         return config.validate()
 
 
+# The range of every number a config holds, by dataclass and field: (low, high, low_is_open).
+# A missing bound is unbounded; fields not named are at least 0 (counts, sizes, weights). The
+# upper bounds are what the code can represent (token ids as 32-bit shards, one process's
+# memory), far beyond any real model, so a typo such as vocab_size 2**40 fails here, not in a library.
+_POSITIVE = (0, None, True)
+_AT_LEAST_1 = (1, None, False)
+_UNIT_OPEN_TOP = (0, 1, False)  # checked as [0, 1): see _in_range
+_RANGES = {
+    TokenizerConfig: {"vocab_size": (1, 1 << 22, False), "character_coverage": (0, 1, True),
+                      "max_sentences": _AT_LEAST_1, "pad_id": (-1, None, False), "bos_id": (-1, None, False),
+                      "eos_id": (-1, None, False), "unk_id": (-1, None, False)},
+    AutoencoderConfig: {"chunk_size": (1, 64, False), "hidden_size": _AT_LEAST_1, "latent_size": _AT_LEAST_1,
+                        "intermediate_size": _AT_LEAST_1, "latent_dropout": _UNIT_OPEN_TOP,
+                        "token_mask_prob": _UNIT_OPEN_TOP},
+    BackboneConfig: {"hidden_size": _AT_LEAST_1, "intermediate_size": _AT_LEAST_1, "num_layers": _AT_LEAST_1,
+                     "num_heads": _AT_LEAST_1, "num_kv_heads": _AT_LEAST_1, "rope_theta": _POSITIVE,
+                     "rms_norm_eps": _POSITIVE, "max_positions": (1, 1 << 24, False)},
+    CalmConfig: {"noise_size": _AT_LEAST_1, "energy_head_layers": _AT_LEAST_1, "num_model_samples": (2, None, False),
+                 "num_target_samples": _AT_LEAST_1, "energy_beta": (0, 2, True)},
+    TrainConfig: {"max_steps": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "seq_len": _AT_LEAST_1,
+                  "grad_accum_steps": _AT_LEAST_1, "lr": _POSITIVE, "min_lr_ratio": (0, 1, False),
+                  "beta1": _UNIT_OPEN_TOP, "beta2": _UNIT_OPEN_TOP, "grad_clip": _POSITIVE,
+                  "eval_every": _AT_LEAST_1, "eval_batches": _AT_LEAST_1, "save_every": _AT_LEAST_1,
+                  "log_every": _AT_LEAST_1, "seed": (0, 2**63 - 1, False)},
+}
+
+
+def _in_range(value, bound):
+    low, high, low_open = bound
+    if value < low or (low_open and value == low):
+        return False
+    if bound is _UNIT_OPEN_TOP:
+        return value < high
+    return high is None or value <= high
+
+
+def _describe(bound):
+    low, high, low_open = bound
+    if bound is _UNIT_OPEN_TOP:
+        return "in [0, 1)"
+    first = f"more than {low}" if low_open else f"at least {low}"
+    return first if high is None else f"{first} and at most {high}"
+
+
+def _check_ranges(obj, prefix):
+    """Every number of `obj` (a config dataclass, recursively) within its range in _RANGES."""
+    bounds = _RANGES.get(type(obj), {})
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, key + ".")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            bound = bounds.get(f.name, (0, None, False))
+            if not _in_range(value, bound):
+                raise ConfigError(f"config key {key!r} is {value!r}; it must be {_describe(bound)}")
+
+
 def read_config_file(path):
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; pass a JSON or YAML file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; pass a JSON or YAML file") from None
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; pass an existing JSON or YAML file") from None
     except OSError as e:
@@ -301,6 +364,8 @@ def _checked_value(path, value, expected):
                 pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):  # NaN compares false with every bound, so refuse it here
+            raise ConfigError(f"config key {path!r} is {value!r}; it must be a finite number")
     elif expected is str:
         ok = isinstance(value, str)
     else:  # pragma: no cover - every field above is one of the four
