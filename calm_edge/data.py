@@ -196,6 +196,39 @@ def prepare_shards(sources, tokenizer_dir, out, text_field="text", valid_fractio
 # ----- loading -------------------------------------------------------------------------------
 
 
+def _index_fields(index, index_path):
+    """(dtype, vocab_size, eos_id) of an index.json, each checked: a hand-edited index fails here, by key."""
+    def bad(key, why):
+        return DataError(f"{index_path}: {key} {why}; the index is corrupt, prepare the data again")
+
+    if not isinstance(index.get("splits"), dict):
+        raise bad("splits", "must be a mapping of split names to shards")
+    if index.get("dtype") not in ("uint16", "uint32"):
+        raise bad("dtype", f"is {index.get('dtype')!r}, not uint16 or uint32")
+    tokenizer = index.get("tokenizer")
+    if not isinstance(tokenizer, dict):
+        raise bad("tokenizer", "must be a mapping")
+    dtype = np.dtype(index["dtype"])
+    vocab_size, eos_id = tokenizer.get("vocab_size"), tokenizer.get("eos_id")
+    if not _whole(vocab_size) or not 1 <= vocab_size <= np.iinfo(dtype).max + 1:
+        raise bad("tokenizer.vocab_size", f"is {vocab_size!r}, not a vocabulary size that {dtype.name} holds")
+    if not _whole(eos_id) or not 0 <= eos_id < vocab_size:
+        raise bad("tokenizer.eos_id", f"is {eos_id!r}, not an id of the vocabulary of {vocab_size}")
+    for split, entry in index["splits"].items():
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or not _whole(entry.get("tokens")) or not all(
+                isinstance(s, dict) and isinstance(s.get("file"), str) and _whole(s.get("tokens")) for s in shards):
+            raise bad(f"splits.{split}", "must hold a token count and a list of shards, each a file and a token count")
+        for shard in shards:
+            if Path(shard["file"]).name != shard["file"]:
+                raise bad(f"splits.{split}", f"names shard {shard['file']!r} outside the folder")
+    return dtype, vocab_size, eos_id
+
+
+def _whole(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class TokenShards:
     """A prepared data folder, memory-mapped read-only."""
 
@@ -210,13 +243,15 @@ class TokenShards:
             ) from None
         except json.JSONDecodeError as e:
             raise DataError(f"{index_path} is corrupt ({e.msg}); prepare the data again") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{index_path} is not UTF-8 text; the index is corrupt, prepare the data again") from None
+        if not isinstance(self.index, dict):
+            raise DataError(f"{index_path} must hold a JSON object, not {type(self.index).__name__}; prepare the data again")
         if self.index.get("format") != INDEX_FORMAT or self.index.get("version", 0) > INDEX_VERSION:
             raise DataError(
                 f"{index_path} is not a calm-edge token-shard index of version <= {INDEX_VERSION}; prepare the data again"
             )
-        self.dtype = np.dtype(self.index["dtype"])
-        self.vocab_size = self.index["tokenizer"]["vocab_size"]
-        self.eos_id = self.index["tokenizer"]["eos_id"]
+        self.dtype, self.vocab_size, self.eos_id = _index_fields(self.index, index_path)
 
     def shards(self, split):
         """The memory-mapped token arrays of one split, in order."""
@@ -230,7 +265,11 @@ class TokenShards:
                 raise DataError(
                     f"shard {path} is missing or has the wrong size (expected {expected} bytes); prepare the data again"
                 )
-            arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
+            array = np.memmap(path, dtype=self.dtype, mode="r")
+            if len(array) and int(array.max()) >= self.vocab_size:
+                raise DataError(f"shard {path} holds token id {int(array.max())}, beyond the vocabulary of "
+                                f"{self.vocab_size} in {self.folder / INDEX_FILE}; the shard is corrupt, prepare the data again")
+            arrays.append(array)
         return arrays
 
     def tokens(self, split):
