@@ -21,6 +21,7 @@ from calm_edge import __version__
 from calm_edge.config import PRESETS, resolve_config
 from calm_edge.errors import CalmEdgeError
 from calm_edge.fileio import write_json_atomic
+from calm_edge.runtime.limits import max_threads
 
 log = logging.getLogger("calm_edge")
 
@@ -140,7 +141,26 @@ eval_settings_options = _bundle([
 ], _eval_settings, "settings")
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+def _check_utf8(arguments):
+    """Every argument must be text: bytes that are not UTF-8 reach Python as surrogates, which no file
+    name, prompt or option value can use (they fail deep inside, when encoded)."""
+    for argument in arguments:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = argument.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            raise click.UsageError(f"argument {shown!r} is not valid UTF-8; pass prompts and paths as UTF-8 text")
+
+
+class _MainGroup(_Group):
+    """The top-level group: checks every argument is UTF-8 before any command parses it."""
+
+    def parse_args(self, ctx, args):
+        _check_utf8(args)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_MainGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="calm-edge")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and results: no progress bars or info logs.")
@@ -190,7 +210,7 @@ def tokenizer():
 @click.option("--data", "data", multiple=True, required=True, metavar="PATH",
               help="A .txt/.jsonl/.jsonl.gz/.jsonl.xz file, a folder of them, or demo:bible (repeatable).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the tokenizer to.")
-@click.option("--vocab-size", type=int, default=None, help="Vocabulary size (default: the preset's).")
+@click.option("--vocab-size", type=click.IntRange(1), default=None, help="Vocabulary size (default: the preset's).")
 @click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text.")
 @click.option("--force", is_flag=True, help="Replace an existing tokenizer folder.")
 @config_options
@@ -240,10 +260,10 @@ def data():
               help="Tokenizer folder (from `calm-edge tokenizer train`).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the shards to.")
 @click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text.")
-@click.option("--valid-fraction", type=float, default=0.01, show_default=True,
+@click.option("--valid-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.01, show_default=True,
               help="Fraction of documents (chosen by a hash of their text) held out for validation.")
-@click.option("--workers", type=int, default=None, help="Tokenizer processes (default: one per CPU core).")
-@click.option("--shard-tokens", type=int, default=1 << 28, show_default=True, help="Tokens per shard file.")
+@click.option("--workers", type=click.IntRange(1, max_threads()), default=None, help="Tokenizer processes (default: one per CPU core).")
+@click.option("--shard-tokens", type=click.IntRange(1, 1 << 31), default=1 << 28, show_default=True, help="Tokens per shard file.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.pass_context
 def data_prepare(ctx, data, tokenizer_dir, out, text_field, valid_fraction, workers, shard_tokens, force):
@@ -295,7 +315,7 @@ def train_options(command):
 def _training_config(ctx, resume, force, preset, config_file, overrides):
     """The run's Config; None when resuming without --preset/--config/--set (reuse the checkpoint's)."""
     if resume and force:
-        raise CalmEdgeError("--resume and --force contradict each other; pass one of them")
+        raise click.UsageError("--resume and --force contradict each other; pass one of them")
     return resolve_config(preset, config_file, overrides) if (_explicit_config(ctx) or not resume) else None
 
 
@@ -588,7 +608,7 @@ def export_command(ctx, calm_dir, ar_dir, out, force, seed, out_format, optimize
               help="Leave this graph in fp32, e.g. --keep-fp32 decoder (repeatable).")
 @click.option("--calibration-data", "calibration_data", multiple=True, metavar="PATH",
               help="Real text (.txt/.jsonl[.gz|.xz], a folder, or prepared shards) to calibrate and validate on.")
-@click.option("--calibration-windows", type=int, default=32, show_default=True,
+@click.option("--calibration-windows", type=click.IntRange(1, 100000), default=32, show_default=True,
               help="Windows of 64 tokens run through the fp32 package for int8-static calibration.")
 @click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text.")
 @click.option("--force", is_flag=True, help="Replace an existing --out (only once the new package validated).")
@@ -643,9 +663,10 @@ def generate_command(package_dir, checkpoint, prompt, max_new_tokens, temperatur
     from calm_edge.runtime.generator import GeneratorParams
 
     if (package_dir is None) == (checkpoint is None):
-        raise CalmEdgeError("pass exactly one of --package PKG or --checkpoint DIR")
+        raise click.UsageError("pass exactly one of --package PKG or --checkpoint DIR")
     params = GeneratorParams(max_new_tokens=max_new_tokens, temperature=temperature, method=method,
                              candidates=candidates, seed=seed, stop_sequences=tuple(stop_sequences))
+    params.check()  # every bound before the package loads or the prompt is echoed
     if package_dir is not None:
         from calm_edge.runtime import Model
 
@@ -664,9 +685,11 @@ def generate_command(package_dir, checkpoint, prompt, max_new_tokens, temperatur
     from calm_edge.runtime import stream
 
     click.echo(prompt, nl=False)
-    for piece in stream(model, prompt, params):
-        click.echo(piece, nl=False)
-    click.echo()
+    try:
+        for piece in stream(model, prompt, params):
+            click.echo(piece, nl=False)
+    finally:
+        click.echo()  # so that an error's line starts on a line of its own, after the streamed text
 
 
 # ----- serving --------------------------------------------------------------------------------
@@ -726,9 +749,9 @@ def serve_command(package_dir, host, port, max_batch, max_queue, batching, reque
 @click.option("--batch-sizes", default="1,4,16", show_default=True)
 @click.option("--threads", default="1,2", show_default=True, help="ONNX Runtime intra-op threads.")
 @click.option("--temperatures", default="1,1/2", show_default=True, help="T = 1/n values.")
-@click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per cell (median, p90, p99).")
-@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs per cell first.")
-@click.option("--rounds", type=int, default=1, show_default=True,
+@click.option("--repeats", type=click.IntRange(1, 10000), default=5, show_default=True, help="Timed runs per cell (median, p90, p99).")
+@click.option("--warmup", type=click.IntRange(0, 10000), default=1, show_default=True, help="Untimed runs per cell first.")
+@click.option("--rounds", type=click.IntRange(1, 1000), default=1, show_default=True,
               help="Times the runners take turns (each with --repeats runs per cell); ratios are then the "
                    "median of the rounds' ratios, robust to the machine's drift.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -778,7 +801,7 @@ def bench_command(ctx, packages, peers, hf_dirs, out, prompt_lengths, new_tokens
 @click.option("--out", default="quickstart", show_default=True, type=click.Path(file_okay=False),
               help="Folder for every stage's outputs, summary.json and summary.png.")
 @click.option("--force", is_flag=True, help="Run every stage again, replacing the outputs already in --out.")
-@click.option("--max-characters", type=int, default=None,
+@click.option("--max-characters", type=click.IntRange(0), default=None,
               help="Read whole documents of --data up to this many characters (default: the preset's; 0: all).")
 @click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text.")
 @config_options

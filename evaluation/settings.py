@@ -10,6 +10,7 @@ chunk, and comparing them shows what that costs.
 from dataclasses import dataclass
 
 from calm_edge.errors import CalmEdgeError
+from calm_edge.runtime.limits import check_seed
 
 CONTINUATION = 4  # Brier-1..4 need 4 tokens
 PROTOCOLS = ("calm-edge", "official")
@@ -38,6 +39,7 @@ class EvalSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise CalmEdgeError(f"--{name.replace('_', '-')} {value!r} must be a positive whole number")
+        check_seed(self.seed)
         if not self.offsets:
             raise CalmEdgeError("--offsets is empty; give at least one offset, e.g. 0")
 
