@@ -249,3 +249,45 @@ def test_candidates_bounded_by_available_memory(calm_model, monkeypatch):
     most = int(message.rsplit("at most ", 1)[1])
     assert most < 8192  # the suggestion stays within the bound
     assert api_generate(candidates=min(most, 64), temperature=0.5, max_new_tokens=4)(calm_model).token_ids
+
+
+# ----- the checkpoint reader: trainer.json corruptions ------------------------------------------
+
+
+# (name, trainer.json's text, text the error must hold)
+TRAINER_CASES = [
+    ("list", "[1, 2, 3]", "trainer.json"),
+    ("string", '"step 100"', "trainer.json"),
+    ("sha256-list", '{"sha256": ["a"]}', "trainer.json"),
+    ("not-json", "{step: 1", "trainer.json"),
+    ("binary", "\udcff", "trainer.json"),
+]
+
+
+@pytest.mark.parametrize("name,text,needle", TRAINER_CASES, ids=[case[0] for case in TRAINER_CASES])
+def test_checkpoint_reader_refuses_bad_trainer_json(tmp_path, name, text, needle):
+    pytest.importorskip("torch")
+    from calm_edge.config import preset
+    from calm_edge.training.checkpoint import load_checkpoint
+
+    folder = tmp_path / "step_1"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"kind": "ar", **preset("tiny").to_dict()}))
+    (folder / "trainer.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    before = tree_hash(folder)
+    with pytest.raises(CalmEdgeError) as error:
+        load_checkpoint(folder, "ar")
+    assert needle in str(error.value)
+    assert tree_hash(folder) == before
+
+
+@pytest.mark.parametrize("key,value", [("step", -1), ("step", "1"), ("tokens_seen", None), ("loader", [0]),
+                                       ("elapsed_seconds", True)])
+def test_resume_refuses_bad_trainer_keys(tmp_path, key, value):
+    pytest.importorskip("torch")
+    from calm_edge.training.trainer import _check_resume_info
+
+    info = {"step": 1, "tokens_seen": 64, "elapsed_seconds": 1.5, "loader": {"epoch": 0}, key: value}
+    with pytest.raises(CalmEdgeError) as error:
+        _check_resume_info(info, tmp_path)
+    assert key in str(error.value)

@@ -163,7 +163,7 @@ def load_checkpoint(path, kind):
         config = Config.from_dict(data)
     except ConfigError as e:
         raise CalmEdgeError(f"{config_path} holds an invalid config ({e}); the checkpoint is damaged or edited") from None
-    trainer = _read_json(folder / TRAINER_FILE, "trainer state") if (folder / TRAINER_FILE).exists() else {}
+    trainer = _read_trainer_info(folder / TRAINER_FILE) if (folder / TRAINER_FILE).exists() else {}
     for name, expected in trainer.get("sha256", {}).items():
         file = folder / name
         if not file.is_file():
@@ -208,6 +208,18 @@ def load_trainer_state(folder):
         raise CalmEdgeError(f"{path} is missing, so this checkpoint cannot be resumed; start a new run") from None
     except Exception as e:  # torch raises many types for a damaged file
         raise CalmEdgeError(f"{path} is truncated or corrupt ({type(e).__name__}); resume from an intact checkpoint") from None
+
+
+def _read_trainer_info(path):
+    """trainer.json, checked to be what every reader of `Checkpoint.trainer` expects: an object whose
+    sha256 maps file names to digests (a list or a hand-edited file fails here, naming the file)."""
+    info = _read_json(path, "trainer state")
+    checksums = info.get("sha256", {}) if isinstance(info, dict) else None
+    if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
+        raise CalmEdgeError(f"{path} must hold a JSON object whose sha256 maps files to digests, not "
+                            f"{type(info).__name__ if not isinstance(info, dict) else 'this'}; the checkpoint is "
+                            "damaged or edited, copy it again or resume/retrain from an intact one")
+    return info
 
 
 def _read_json(path, what):

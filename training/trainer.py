@@ -252,6 +252,7 @@ class Trainer:
                 f"{folder} was trained on data tokenized by another tokenizer than {self.shards.folder}; "
                 "resume with the same --data"
             )
+        _check_resume_info(info, folder)
         self.loader.load_state_dict(info["loader"])
         self.step, self.tokens_seen = int(info["step"]), int(info["tokens_seen"])
         self.elapsed = float(info["elapsed_seconds"])
@@ -279,3 +280,13 @@ class Trainer:
                     f"cannot resume {saved.folder}: it was trained with {self.section}.{key}={old!r} but this run "
                     f"has {ours!r}; the data order depends on it, so resume with the same value"
                 )
+
+
+def _check_resume_info(info, folder):
+    """The keys of trainer.json a resume reads, each of its type, so a damaged file names its key."""
+    expected = {"step": int, "tokens_seen": int, "elapsed_seconds": (int, float), "loader": dict}
+    for key, kind in expected.items():
+        value = info.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind) or (not isinstance(value, dict) and value < 0):
+            raise CalmEdgeError(f"{folder / checkpoint.TRAINER_FILE}: {key} is {value!r}; the checkpoint is damaged "
+                                "or edited, resume from an intact one or start over with --force")
