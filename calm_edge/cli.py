@@ -13,6 +13,7 @@ has none.
 import functools
 import json
 import logging
+import sys
 
 import click
 from click.core import ParameterSource
@@ -153,11 +154,28 @@ def _check_utf8(arguments):
 
 
 class _MainGroup(_Group):
-    """The top-level group: checks every argument is UTF-8 before any command parses it."""
+    """The top-level group: checks every argument is UTF-8 before any command parses it, and closes
+    progress bars before an error is printed, so the error line is never glued to a bar."""
 
     def parse_args(self, ctx, args):
         _check_utf8(args)
         return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException:
+            _close_progress_bars()
+            raise
+
+
+def _close_progress_bars():
+    """Close every open tqdm bar (a bar left by a loop that raised ends its line only when collected)."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:
+        return
+    for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+        bar.close()
 
 
 @click.group(cls=_MainGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -291,3 +291,21 @@ def test_resume_refuses_bad_trainer_keys(tmp_path, key, value):
     with pytest.raises(CalmEdgeError) as error:
         _check_resume_info(info, tmp_path)
     assert key in str(error.value)
+
+
+def test_error_after_progress_bar_starts_its_own_line(monkeypatch):
+    """A failure inside a loop with an open tqdm bar: the Error: line must not follow the bar on its line."""
+    from tqdm import tqdm
+
+    import calm_edge.runtime.text_generation as text_generation
+
+    def failing_stream(model, prompt, params):
+        for _ in tqdm(range(3), desc="working", mininterval=0):
+            raise CalmEdgeError("the loop broke")
+        yield ""
+
+    monkeypatch.setattr(text_generation, "stream", failing_stream)
+    monkeypatch.setattr("calm_edge.runtime.stream", failing_stream)
+    result = CliRunner().invoke(main, generate(CALM))
+    assert result.exit_code == 1
+    one_error_line(result.output, "the loop broke")
