@@ -148,11 +148,13 @@ def test_bad_input_is_a_clear_error(random_packages, tmp_path):
     runner = CliRunner()
     base = ["bench", "--package", str(random_packages["calm"]), "--out", str(tmp_path / "x.json")]
     cases = {("--temperatures", "0.3"): "not 1/n", ("--batch-sizes", "1,zero"): "--batch-sizes",
-             ("--peer", "optimum"): "--hf DIR", ("--repeats", "0"): "--repeats 0",
+             ("--peer", "optimum"): "--hf DIR",
              ("--hf", str(tmp_path), "--peer", "optimum"): "not a Hugging Face folder"}
     for extra, message in cases.items():
         result = runner.invoke(main, [*base, *extra])
         assert result.exit_code == 1 and message in result.output, (extra, result.output)
+    result = runner.invoke(main, [*base, "--repeats", "0"])  # out of the option's range: a usage error
+    assert result.exit_code == 2 and "'--repeats'" in result.output, result.output
     result = runner.invoke(main, ["bench", "--package", str(tmp_path / "none"), "--out", str(tmp_path / "x.json")])
     assert result.exit_code == 1 and "does not exist" in result.output
     with pytest.raises(CalmEdgeError, match="nothing to measure"):

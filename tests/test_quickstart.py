@@ -149,7 +149,7 @@ def test_bad_input_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "qs").exists()  # nothing written for a wrong path
     (tmp_path / "a-file").write_text("x")
     assert "is a file" in quickstart_cli("--out", str(tmp_path / "a-file"), exit_code=2)  # click's own check
-    assert "--max-characters -1" in quickstart_cli("--max-characters", "-1", "--out", str(tmp_path / "qs"))
+    assert "'--max-characters'" in quickstart_cli("--max-characters", "-1", "--out", str(tmp_path / "qs"), exit_code=2)
 
     few = tmp_path / "few.jsonl"
     few.write_text('{"text": "One short document."}\n{"text": "And another one."}\n')
