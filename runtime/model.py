@@ -22,7 +22,7 @@ import numpy as np
 from calm_edge.errors import CalmEdgeError
 from calm_edge.runtime.kv_cache import ONNX_TO_NUMPY
 from calm_edge.runtime.limits import check_threads
-from calm_edge.runtime.package import Manifest
+from calm_edge.runtime.package import ONNX_DTYPES, Manifest
 from calm_edge.runtime.step_state import StepState
 from calm_edge.tokenizer import load_tokenizer
 
@@ -137,6 +137,7 @@ class Model:
         self.manifest = manifest = Manifest.read(self.path, verify=verify)
         self.kind, self.provider = manifest.kind, provider
         self.tokenizer = load_tokenizer(manifest.tokenizer_path, manifest.tokenizer_kind, manifest.special_ids)
+        manifest.check_tokenizer(self.tokenizer.vocab_size)
         self.chunk_size, self.max_context = manifest.chunk_size, manifest.max_context
         self.prompt_fill = manifest.prompt_fill
         self.eos_id, self.pad_id, self.noise_size = manifest.eos_id, manifest.pad_id, manifest.noise_size
@@ -157,7 +158,7 @@ class Model:
                 self.sessions[name] = self.ort.InferenceSession(str(file), options, providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types for a bad graph
                 raise CalmEdgeError(f"{file} cannot be loaded by onnxruntime ({e}); re-export the package") from None
-            _check_signature(self.sessions[name], manifest.graphs[name], file)
+            manifest.check_graph_signature(name, *session_signature(self.sessions[name]))
         # The cache lives where the step graph computes: the GPU for cuda/tensorrt, so it never
         # crosses to the host between steps. Its dtype is the graph's (fp16 packages may keep
         # an fp16 cache).
@@ -193,10 +194,8 @@ class Model:
         return self.sessions["decoder"].run(None, {"latents": np.ascontiguousarray(latents, np.float32)})[0]
 
 
-def _check_signature(session, graph, file):
-    """The graph must take and give what the manifest says, by name (a graph swapped between roles fails here)."""
-    have = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-    for side, names, expected in (("inputs", have[0], graph.input_names), ("outputs", have[1], graph.output_names)):
-        if sorted(names) != sorted(expected):
-            raise CalmEdgeError(f"{file} has {side} {names}, but the manifest's {graph.name} graph has {expected}; "
-                                "the package's files do not belong together, export the package again")
+def session_signature(session):
+    """(inputs, outputs) of an ONNX Runtime session as [(name, dtype, shape)], for `Manifest.check_graph_signature`."""
+    def side(args):
+        return [(a.name, ONNX_DTYPES.get(a.type, a.type), list(a.shape)) for a in args]
+    return side(session.get_inputs()), side(session.get_outputs())

@@ -56,6 +56,7 @@ KINDS = ("calm", "ar")
 GRAPHS = {"calm": ("backbone", "energy_head", "decoder"), "ar": ("ar",)}
 STEP_GRAPH = {"calm": "backbone", "ar": "ar"}  # the graph that holds the key/value cache
 MAX_CONTEXT = 1 << 20  # positions; far beyond any model, and a bound on what a manifest may ask to allocate
+MAX_DIMENSION = 1 << 24  # any other size of the model section: beyond any model, and inside a C++ int's products
 
 
 # ----- the graphs' signatures ------------------------------------------------------------------
@@ -370,6 +371,7 @@ class Manifest(Mapping):
         path = folder / MANIFEST_FILE
         if not folder.is_dir():
             raise CalmEdgeError(f"model package {folder} does not exist; create one with `calm-edge export`")
+        _check_confined(folder, path, "manifest.json", MANIFEST_FILE, "the manifest")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -385,21 +387,25 @@ class Manifest(Mapping):
         return manifest
 
     def _files(self):
-        """(file, expected sha256, what it is) for every file the manifest names."""
-        files = [(self.tokenizer_file, self.data["tokenizer"]["sha256"], "tokenizer")]
+        """(key, file, expected sha256, what it is) for every file the manifest names."""
+        files = [("tokenizer.file", self.tokenizer_file, self.data["tokenizer"]["sha256"], "tokenizer")]
         for name, graph in self.graphs.items():
-            files.append((graph.file, graph.sha256, f"{name} graph"))
+            files.append((f"graphs.{name}.file", graph.file, graph.sha256, f"{name} graph"))
             if graph.external_data:
-                files.append((graph.external_data["file"], graph.external_data["sha256"], f"{name} graph's data"))
+                files.append((f"graphs.{name}.external_data.file", graph.external_data["file"],
+                              graph.external_data["sha256"], f"{name} graph's data"))
         return files
 
     def _check_files(self, verify):
-        root = self.folder.resolve()
-        for file, expected, what in self._files():
+        """Every file lies inside the folder once symbolic links are followed, exists, and matches its sha256.
+
+        Confinement is checked for every file before any is opened, so a hostile package makes
+        no runtime read anything outside it (not even to hash it).
+        """
+        for key, file, _, what in self._files():
+            _check_confined(self.folder, self.path, key, file, what)
+        for _, file, expected, what in self._files():
             file_path = self.folder / file
-            if file_path.exists() and not file_path.resolve().is_relative_to(root):
-                raise CalmEdgeError(f"{self.path} names {file!r} ({what}), which leads outside the package folder; "
-                                    "a package must hold its own files: export the package again")
             if not file_path.is_file():
                 raise CalmEdgeError(f"{file_path} ({what}) is missing from the package; "
                                     "copy the whole package folder again")
@@ -408,6 +414,81 @@ class Manifest(Mapping):
                     f"{file_path} ({what}) does not match the sha256 in {self.path}: the file is corrupt or was "
                     "replaced; copy the package again or re-export it"
                 )
+
+    # ----- what the opened files must agree with ---------------------------------------------
+
+    def check_graph_signature(self, name, inputs, outputs):
+        """The `name` graph as its session reports it must take and give what the manifest's model section says.
+
+        `inputs`, `outputs`: [(name, dtype, shape)] in the session's order, dtype as in a spec
+        ("float32", "int64", ...; see ONNX_DTYPES) and a string or None for a dynamic axis. A
+        graph swapped between roles, or dimensions that disagree with the model section, fail
+        here with one error naming the graph and the input or output.
+        """
+        spec = self.specs()[name]
+        for side, have in (("inputs", inputs), ("outputs", outputs)):
+            problem = signature_problem(spec[side], have)
+            if problem:
+                raise CalmEdgeError(
+                    f"{self.graph_path(name)}: graphs.{name} {side}: {problem}; the graph does not belong to this "
+                    "manifest (files swapped between roles, or the model section edited): export the package again")
+
+    def check_tokenizer(self, tokenizer_vocab_size):
+        """The tokenizer's vocabulary must be the model's (an id beyond model.vocab_size has no embedding)."""
+        too_big = tokenizer_vocab_size > self.vocab_size
+        if too_big or (self.tokenizer_kind == "sentencepiece" and tokenizer_vocab_size != self.vocab_size):
+            raise CalmEdgeError(
+                f"{self.path}: model.vocab_size is {self.vocab_size}, but the tokenizer {self.tokenizer_file} has "
+                f"{tokenizer_vocab_size} pieces; the tokenizer does not belong to this model: export the package "
+                "again with its own tokenizer")
+
+
+# ONNX Runtime's element type names, as a spec writes them.
+ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
+# A float32 spec accepts a float16 graph: an fp16 package may keep an fp16 cache (the runtimes follow the graph).
+COMPATIBLE_DTYPES = {"float32": {"float32", "float16"}}
+
+
+def signature_problem(expected, have):
+    """What is wrong with one side of a graph's signature, or None.
+
+    `expected`: the spec's [{"name", "dtype", "shape"}]; `have`: [(name, dtype, shape)] from the
+    session. Names must match as sets, then each dtype, rank and fixed dimension. The C++ runtime
+    words the same problems the same way (runtime/cpp/src/package.cpp).
+    """
+    want = {io["name"]: io for io in expected}
+    names = [n for n, _, _ in have]
+    missing = [n for n in want if n not in names]
+    extra = [n for n in names if n not in want]
+    if missing or extra:
+        return (f"the graph has {', '.join(extra) or 'none'} where the manifest expects "
+                f"{', '.join(missing) or 'none'}")
+    for io_name, dtype, shape in have:
+        spec = want[io_name]
+        if dtype not in COMPATIBLE_DTYPES.get(spec["dtype"], {spec["dtype"]}):
+            return f"{io_name} has element type {dtype}, but the manifest says {spec['dtype']}"
+        fixed = [d if isinstance(d, int) else None for d in shape]
+        expected_fixed = [d if isinstance(d, int) else None for d in spec["shape"]]
+        if len(fixed) != len(expected_fixed):
+            return f"{io_name} has {len(fixed)} dimensions, but the manifest says {len(expected_fixed)}"
+        for axis, (got, wanted) in enumerate(zip(fixed, expected_fixed)):
+            if got is not None and wanted is not None and got != wanted:
+                return f"{io_name} has {got} at dimension {axis}, but the manifest's model section gives {wanted}"
+    return None
+
+
+def _check_confined(folder, path, key, file, what):
+    """`folder / file` must lie inside `folder` once every symbolic link is followed."""
+    # resolve() follows every link it can (a dangling one too) and every linked folder on the way.
+    try:
+        resolved = (Path(folder) / file).resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        raise CalmEdgeError(f"{path}: {key} is {file!r} ({what}), a symbolic link that cannot be followed (a loop); "
+                            "a package must hold its own files: export the package again") from None
+    if not resolved.is_relative_to(Path(folder).resolve()):
+        raise CalmEdgeError(f"{path}: {key} is {file!r} ({what}), which leads outside the package folder through a "
+                            "symbolic link; a package must hold its own files: export the package again")
 
 
 def read_manifest(folder, verify=True):
@@ -447,6 +528,9 @@ def _check_schema(data, path):
     for key in positive:
         if not _is_int(model.get(key)) or model[key] < 1:
             fail(f"model.{key}", f"is {model.get(key)!r}, not a positive whole number")
+    for key in positive:
+        if key != "max_context" and model[key] > MAX_DIMENSION:
+            fail(f"model.{key}", f"is {model[key]}, beyond the {MAX_DIMENSION} calm-edge allows for any dimension")
     if kind == "ar" and model["chunk_size"] != 1:
         fail("model.chunk_size", f"is {model['chunk_size']}, but an AR package generates one token per step (1)")
     if model["max_context"] > MAX_CONTEXT:
@@ -466,7 +550,8 @@ def _check_schema(data, path):
     if not isinstance(tokenizer, dict):
         fail("tokenizer", "is missing or not an object")
     _check_file_entry(tokenizer, "tokenizer", fail)
-    if tokenizer.get("kind", "sentencepiece") not in TOKENIZER_FILES:
+    if not isinstance(tokenizer.get("kind", "sentencepiece"), str) or tokenizer.get("kind", "sentencepiece") not in \
+            TOKENIZER_FILES:
         fail("tokenizer.kind", f"is {tokenizer.get('kind')!r}, not one of {', '.join(TOKENIZER_FILES)}")
     if not isinstance(tokenizer.get("add_bos", False), bool):
         fail("tokenizer.add_bos", f"is {tokenizer.get('add_bos')!r}, not true or false")
