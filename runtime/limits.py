@@ -79,11 +79,12 @@ def bytes_per_draw(model):
 
 def check_draws(model, rows, draws, what):
     """Refuse a step that would draw `draws` chunks per row when their memory exceeds what is available."""
-    need = rows * draws * bytes_per_draw(model)
+    per_draw = rows * bytes_per_draw(model)
+    need = draws * per_draw
     free = available_memory()
     if free is None or need <= free // 2:
         return
-    most = max(1, (free // 2) // max(1, rows * bytes_per_draw(model)))
+    most = max(1, (free // 2) // max(1, per_draw))
     raise CalmEdgeError(
         f"{what} would draw {draws} chunks per step for {rows} prompt(s), about {need / 2**30:.1f} GiB, but this "
         f"machine has {free / 2**30:.1f} GiB available (half of it may be used); ask for at most {most}"

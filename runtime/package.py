@@ -550,9 +550,9 @@ def _check_schema(data, path):
     if not isinstance(tokenizer, dict):
         fail("tokenizer", "is missing or not an object")
     _check_file_entry(tokenizer, "tokenizer", fail)
-    if not isinstance(tokenizer.get("kind", "sentencepiece"), str) or tokenizer.get("kind", "sentencepiece") not in \
-            TOKENIZER_FILES:
-        fail("tokenizer.kind", f"is {tokenizer.get('kind')!r}, not one of {', '.join(TOKENIZER_FILES)}")
+    tokenizer_kind = tokenizer.get("kind", "sentencepiece")
+    if not isinstance(tokenizer_kind, str) or tokenizer_kind not in TOKENIZER_FILES:  # a list would not hash
+        fail("tokenizer.kind", f"is {tokenizer_kind!r}, not one of {', '.join(TOKENIZER_FILES)}")
     if not isinstance(tokenizer.get("add_bos", False), bool):
         fail("tokenizer.add_bos", f"is {tokenizer.get('add_bos')!r}, not true or false")
     if version < 2 and (set(tokenizer) - {"file", "sha256"} or "prompt_fill" in model):
