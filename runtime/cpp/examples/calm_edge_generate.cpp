@@ -5,13 +5,16 @@
 //                      [--provider cpu|cuda] [--token-ids] [--timings FILE] [--repeat N]
 //
 // Exit status: 0 on success, 1 when the package, the prompt or a value is wrong (the message says
-// which and how to fix it), 2 for a malformed command line.
+// which and how to fix it), 2 for a malformed command line or an integer option outside its range
+// (runtime/limits.py's bounds; one line "Error: --NAME VALUE ...").
 #include <calm_edge.hpp>
 
+#include <cstdint>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -47,11 +50,44 @@ struct Options {
   int repeat = 1;
 };
 
-long long parse_whole(const std::string& option, const std::string& text) {
-  char* end = nullptr;
-  const long long value = std::strtoll(text.c_str(), &end, 10);
-  if (text.empty() || *end != '\0') throw UsageError{option + " needs a whole number, got '" + text + "'"};
+// A value outside what an option allows: one line "Error: --NAME VALUE ...", exit 2.
+struct OptionError {
+  std::string message;
+};
+
+// The bounds of runtime/limits.py, so both runtimes refuse the same values.
+constexpr uint64_t kSeedMax = UINT64_MAX;       // SEED_MAX: seeds are unsigned 64-bit (DESIGN.md)
+constexpr uint64_t kMaxNewTokens = 2147483647;  // MAX_NEW_TOKENS: int32 token counts
+constexpr uint64_t kMaxCandidates = 65536;      // MAX_CANDIDATES
+constexpr uint64_t kThreadsPerCore = 4;         // THREADS_PER_CORE (check_threads)
+
+// `text` must be exactly the decimal digits of a whole number in [low, high]: no sign, no spaces, no
+// fraction, nothing that strtoll would saturate or a cast would wrap.
+uint64_t parse_whole(const std::string& option, const std::string& text, uint64_t low, uint64_t high,
+                     const std::string& why = "") {
+  const std::string range = "it must be between " + std::to_string(low) + " and " + std::to_string(high) + why;
+  const bool negative = text.size() > 1 && text[0] == '-';
+  const std::string digits = negative ? text.substr(1) : text;
+  const bool all_digits = !digits.empty() && digits.find_first_not_of("0123456789") == std::string::npos;
+  if (!all_digits) throw OptionError{option + " " + text + " is not a whole number: " + range};
+  bool too_big = negative;
+  uint64_t value = 0;
+  for (const char c : digits) {
+    const uint64_t digit = static_cast<uint64_t>(c - '0');
+    if (value > (UINT64_MAX - digit) / 10) {
+      too_big = true;
+      break;
+    }
+    value = value * 10 + digit;
+  }
+  if (too_big || value < low || value > high) throw OptionError{option + " " + text + " is out of range: " + range};
   return value;
+}
+
+// The cores Python's os.cpu_count() counts (limits.check_threads allows 4 threads per core).
+uint64_t cores() {
+  const unsigned count = std::thread::hardware_concurrency();
+  return count ? count : 1;
 }
 
 // "0.5" or "1/2".
@@ -82,20 +118,21 @@ Options parse_arguments(int argc, char** argv) {
       std::cout << kUsage;
       std::exit(0);
     } else if (argument == "--seed") {
-      options.params.seed = static_cast<uint64_t>(parse_whole(argument, value()));
+      options.params.seed = parse_whole(argument, value(), 0, kSeedMax, " (an unsigned 64-bit seed)");
     } else if (argument == "--temperature") {
       options.params.temperature = parse_temperature(value());
     } else if (argument == "--max-new-tokens") {
-      options.params.max_new_tokens = static_cast<int>(parse_whole(argument, value()));
+      options.params.max_new_tokens = static_cast<int>(parse_whole(argument, value(), 1, kMaxNewTokens));
     } else if (argument == "--threads") {
-      options.model.threads = static_cast<int>(parse_whole(argument, value()));
-      if (options.model.threads < 1) throw UsageError{"--threads must be at least 1"};
+      const std::string why = " (" + std::to_string(kThreadsPerCore) + " per core of the " + std::to_string(cores()) +
+                              " this machine has)";
+      options.model.threads = static_cast<int>(parse_whole(argument, value(), 1, kThreadsPerCore * cores(), why));
     } else if (argument == "--spinning") {
       options.model.spinning = value();
     } else if (argument == "--method") {
       options.params.method = value();
     } else if (argument == "--candidates") {
-      options.params.candidates = static_cast<int>(parse_whole(argument, value()));
+      options.params.candidates = static_cast<int>(parse_whole(argument, value(), 1, kMaxCandidates));
     } else if (argument == "--stop") {
       options.params.stop_sequences.push_back(value());
     } else if (argument == "--no-stop-at-eos") {
@@ -109,8 +146,7 @@ Options parse_arguments(int argc, char** argv) {
     } else if (argument == "--timings") {
       options.timings_file = value();
     } else if (argument == "--repeat") {
-      options.repeat = static_cast<int>(parse_whole(argument, value()));
-      if (options.repeat < 1) throw UsageError{"--repeat must be at least 1"};
+      options.repeat = static_cast<int>(parse_whole(argument, value(), 1, kMaxNewTokens));
     } else if (argument.size() > 1 && argument[0] == '-' && argument[1] == '-') {
       throw UsageError{"unknown option " + argument};
     } else {
@@ -168,6 +204,9 @@ int run(const Options& options) {
 int main(int argc, char** argv) {
   try {
     return run(parse_arguments(argc, argv));
+  } catch (const OptionError& e) {
+    std::cerr << "Error: " << e.message << "\n";
+    return 2;
   } catch (const UsageError& e) {
     std::cerr << "calm-edge-generate: " << e.message << "\n" << kUsage;
     return 2;

@@ -65,6 +65,50 @@ std::vector<std::string> cache_names(int layers, const std::string& prefix) {
   return names;
 }
 
+// A spec's name for an ONNX element type (package.py ONNX_DTYPES; others as ONNX Runtime writes them).
+std::string element_type_name(ONNXTensorElementDataType type) {
+  switch (type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return "bool";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "tensor(int8)";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "tensor(uint8)";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16: return "tensor(int16)";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: return "tensor(uint16)";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32: return "tensor(uint32)";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64: return "tensor(uint64)";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "tensor(bfloat16)";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING: return "tensor(string)";
+    default: return "tensor(type " + std::to_string(static_cast<int>(type)) + ")";
+  }
+}
+
+GraphValue graph_value(const std::string& name, const Ort::TypeInfo& info) {
+  GraphValue value{name, "", {}};
+  if (info.GetONNXType() != ONNX_TYPE_TENSOR) {
+    value.dtype = "not a tensor";
+    return value;
+  }
+  const auto tensor = info.GetTensorTypeAndShapeInfo();
+  value.dtype = element_type_name(tensor.GetElementType());
+  value.shape = tensor.GetShape();  // -1 for a dynamic axis
+  return value;
+}
+
+// (inputs, outputs) of a session, in its order, for check_graph_signature (model.py session_signature).
+std::pair<std::vector<GraphValue>, std::vector<GraphValue>> session_signature(const Ort::Session& session) {
+  Ort::AllocatorWithDefaultOptions allocator;
+  std::vector<GraphValue> inputs, outputs;
+  for (size_t k = 0; k < session.GetInputCount(); ++k)
+    inputs.push_back(graph_value(session.GetInputNameAllocated(k, allocator).get(), session.GetInputTypeInfo(k)));
+  for (size_t k = 0; k < session.GetOutputCount(); ++k)
+    outputs.push_back(graph_value(session.GetOutputNameAllocated(k, allocator).get(), session.GetOutputTypeInfo(k)));
+  return {inputs, outputs};
+}
+
 }  // namespace
 
 Model::Impl::Impl(const std::string& package_dir, const ModelOptions& options)
@@ -72,14 +116,17 @@ Model::Impl::Impl(const std::string& package_dir, const ModelOptions& options)
       manifest(read_manifest(package_dir, options.verify)),
       tokenizer(package_dir + "/" + manifest.tokenizer_file, manifest.tokenizer_kind == "hf-bpe" ? manifest.pad_id : -1),
       cpu_memory(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
+  check_tokenizer(manifest, tokenizer.vocab_size());
   const Ort::SessionOptions settings = session_options(options);
-  for (const auto& [name, file] : manifest.graph_files) {
-    const std::string graph_path = package_dir + "/" + file;
+  for (const std::string& name : manifest.graph_names) {
+    const std::string graph_path = package_dir + "/" + manifest.graph_files.at(name);
     try {
       sessions.emplace(name, Ort::Session(ort_environment(), graph_path.c_str(), settings));
     } catch (const Ort::Exception& e) {
       throw Error(graph_path + " cannot be loaded by ONNX Runtime (" + e.what() + "); re-export the package");
     }
+    const auto [inputs, outputs] = session_signature(sessions.at(name));
+    check_graph_signature(manifest, name, inputs, outputs);
   }
   step_graph = &sessions.at(manifest.kind == "ar" ? "ar" : "backbone");
   past_names = cache_names(manifest.num_layers, "past_key_values");

@@ -1,25 +1,32 @@
 // The model package, format versions 1 and 2 (runtime/package.py is the reference): reading and checking
-// manifest.json, the presence and sha256 of every file it lists (each inside the package folder), and the
-// model's sizes.
+// manifest.json (its schema, key by key), the presence and sha256 of every file it lists (each inside the
+// package folder, symbolic links followed), the model's sizes, and what the opened graphs and tokenizer must
+// agree with. Every problem is one Error worded as the Python runtime words it.
 #pragma once
 
 #include <cstdint>
 #include <map>
 #include <string>
+#include <vector>
 
 namespace calm_edge {
 
-constexpr int kPackageFormatVersion = 2;  // the newest version this runtime reads
+constexpr int kPackageFormatVersion = 2;  // the newest version this runtime reads (package.py LATEST_VERSION)
+constexpr int64_t kMaxContext = int64_t{1} << 20;    // positions a manifest may ask for (package.py MAX_CONTEXT)
+constexpr int64_t kMaxDimension = int64_t{1} << 24;  // any other size of the model section (MAX_DIMENSION)
 
 // The manifest's "model" section and the file of each graph: what a runtime needs to size its inputs.
 struct PackageManifest {
-  std::string kind;  // "calm" or "ar"
+  std::string folder;  // the package folder as given
+  std::string path;    // its manifest.json, as messages name it
+  std::string kind;    // "calm" or "ar"
   int chunk_size = 1;
   int vocab_size = 0;
   int64_t eos_id = 0;
   int64_t pad_id = 0;
   int hidden_size = 0;
   int num_layers = 0;
+  int num_heads = 0;
   int num_kv_heads = 0;
   int head_dim = 0;
   int max_context = 0;
@@ -29,9 +36,26 @@ struct PackageManifest {
   std::string tokenizer_file;
   std::string tokenizer_kind = "sentencepiece";  // or "hf-bpe" (version 2)
   std::map<std::string, std::string> graph_files;  // graph name -> file name inside the package
+  std::vector<std::string> graph_names;            // in the manifest's order, the order sessions are opened in
 };
 
-// The checked manifest of the package in folder `dir`; throws Error naming the file and the fix.
+// The checked manifest of the package in folder `dir`; throws Error naming the file or key and the fix.
 PackageManifest read_manifest(const std::string& dir, bool verify);
+
+// One input or output of a graph as its session reports it: dtype as a spec writes it ("float32", "int64",
+// ...) and -1 for a dynamic axis.
+struct GraphValue {
+  std::string name;
+  std::string dtype;
+  std::vector<int64_t> shape;
+};
+
+// The `name` graph's session must take and give what the manifest's model section says (package.py
+// Manifest.check_graph_signature): names, element types, ranks and fixed dimensions. Throws Error.
+void check_graph_signature(const PackageManifest& manifest, const std::string& name,
+                           const std::vector<GraphValue>& inputs, const std::vector<GraphValue>& outputs);
+
+// The tokenizer's vocabulary must be the model's (package.py Manifest.check_tokenizer). Throws Error.
+void check_tokenizer(const PackageManifest& manifest, int64_t tokenizer_vocab_size);
 
 }  // namespace calm_edge
