@@ -21,7 +21,7 @@ from click.core import ParameterSource
 from calm_edge import __version__
 from calm_edge.config import PRESETS, resolve_config
 from calm_edge.errors import CalmEdgeError
-from calm_edge.fileio import write_json_atomic
+from calm_edge.fileio import check_apart, check_writable, write_json_atomic
 from calm_edge.runtime.limits import max_threads
 
 log = logging.getLogger("calm_edge")
@@ -44,14 +44,49 @@ def _setup_logging(level):
     log.propagate = False
 
 
+# The parameters that name what a command writes; every other path parameter is one of its inputs.
+OUTPUT_PARAMETERS = ("out", "plot_path", "work_dir")
+
+
+def _is_path(parameter):
+    return isinstance(parameter.type, click.Path) or parameter.metavar in ("PATH", "PATH_OR_ID")
+
+
+def _check_outputs_apart(ctx):
+    """No output of the command may be, hold or lie inside one of its inputs (`fileio.check_apart`),
+    checked before any work starts, so every command (a new one too) has the guarantee."""
+    params = [p for p in ctx.command.params if ctx.params.get(p.name)]
+    inputs = {p.opts[0]: ctx.params[p.name] for p in params if p.name not in OUTPUT_PARAMETERS and _is_path(p)}
+    for p in params:
+        if p.name in OUTPUT_PARAMETERS:
+            is_file = isinstance(p.type, click.Path) and not p.type.dir_okay
+            check_apart(ctx.params[p.name], inputs, folder=not is_file)
+            check_writable(ctx.params[p.name])
+
+
+class _Command(click.Command):
+    """A command whose outputs are checked against its inputs before it runs."""
+
+    def invoke(self, ctx):
+        _check_outputs_apart(ctx)
+        return super().invoke(ctx)
+
+
 class _Group(click.Group):
-    """A click group that turns `CalmEdgeError` into a one-line message and exit code 1."""
+    """A click group that turns `CalmEdgeError` into a one-line message and exit code 1.
+
+    An `OSError` no write primitive reported (`fileio.os_error`) is still one line, naming the file.
+    """
+    command_class = _Command
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except CalmEdgeError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            raise click.ClickException(f"{e.filename or 'a file'}: {e.strerror or e}; check that path "
+                                       "(its space and permissions) and try again") from None
 
     def group(self, *args, **kwargs):
         kwargs.setdefault("cls", _Group)

@@ -130,7 +130,8 @@ def prepare_shards(sources, tokenizer_dir, out, text_field="text", valid_fractio
     stats = {}
     characters = 0
 
-    with atomic_output_dir(out, force=force, what="prepared data") as tmp:
+    with atomic_output_dir(out, force=force, what="prepared data",
+                           inputs={"--data": list(sources), "--tokenizer": tokenizer_dir}) as tmp:
         writers = {split: _ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
         batches = _batches_of_documents(iter_documents(files, text_field))
         init_args = (str(tokenizer.path), valid_fraction, dtype.str)

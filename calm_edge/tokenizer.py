@@ -283,7 +283,7 @@ def train_tokenizer(sources, out, config: TokenizerConfig, text_field="text", fo
         "read_seconds": round(read_seconds, 3),
         "train_seconds": round(train_seconds, 3),
     }
-    with atomic_output_dir(out, force=force, what="tokenizer") as tmp:
+    with atomic_output_dir(out, force=force, what="tokenizer", inputs={"--data": list(sources)}) as tmp:
         (tmp / MODEL_FILE).write_bytes(model.getvalue())
         info["sha256"] = sha256_of(tmp / MODEL_FILE)
         write_json_atomic(tmp / INFO_FILE, info)

@@ -48,7 +48,7 @@ def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_t
     over 2 GB must; the default is 1 GiB, see external_data.py).
     """
     started = time.perf_counter()
-    with atomic_output_dir(out, force=force, what="package") as tmp:
+    with atomic_output_dir(out, force=force, what="package", inputs={f"--{kind or 'calm'}": checkpoint}) as tmp:
         model, saved = load_language_model(checkpoint)
         if kind is not None and saved.kind != kind:
             raise CalmEdgeError(f"{saved.folder} holds a {saved.kind} checkpoint, not {kind}; pass it with --{saved.kind}")

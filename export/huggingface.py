@@ -104,7 +104,7 @@ def export_hf(checkpoint, out, force=False, real_texts=SAMPLE_TEXTS):
             "only (a Llama model), pass an `calm-edge train ar` run with --ar"
         )
     tokenizer = saved.tokenizer()
-    with atomic_output_dir(out, force=force, what="Hugging Face checkpoint") as tmp:
+    with atomic_output_dir(out, force=force, what="Hugging Face checkpoint", inputs={"--ar": checkpoint}) as tmp:
         config = saved.config
         (tmp / "config.json").write_text(json.dumps(llama_config(config), indent=2) + "\n")
         generation = {"bos_token_id": config.tokenizer.bos_id, "eos_token_id": config.tokenizer.eos_id,

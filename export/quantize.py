@@ -29,7 +29,7 @@ from tqdm import tqdm
 from calm_edge.errors import CalmEdgeError
 from calm_edge.export import calibration, quant_validate
 from calm_edge.export.quantizers import MODES, check_mode, quantize_graph
-from calm_edge.fileio import atomic_output_dir, sha256_of
+from calm_edge.fileio import atomic_output_dir, check_apart, out_of_space, sha256_of
 from calm_edge.runtime import package
 from calm_edge.runtime.model import Model
 from calm_edge.text_source import TextSource
@@ -87,8 +87,7 @@ def _check_request(manifest, source, out, mode, keep_fp32):
         raise CalmEdgeError(f"--keep-fp32 {', '.join(unknown)}: no such graph in {source}; its graphs are {', '.join(graphs)}")
     if set(keep_fp32) >= set(graphs):
         raise CalmEdgeError(f"--keep-fp32 names every graph of {source}: nothing left to quantize; keep fewer graphs")
-    if Path(out).resolve() == Path(source).resolve():
-        raise CalmEdgeError(f"--out {out} is the package being quantized; write the quantized package to another folder")
+    check_apart(out, {"--package": source})  # before calibration, the slow part
 
 
 def quantize_package(source, out, mode, keep_fp32=(), calibration_data=(), calibration_windows=32, text_field="text",
@@ -121,7 +120,7 @@ def quantize_package(source, out, mode, keep_fp32=(), calibration_data=(), calib
     # The fp32 sessions go while the tools work: a tool holds a graph's weights itself, and a
     # 1.8 B-parameter package must not be in memory three times over. They come back to validate.
     del fp32
-    with atomic_output_dir(out, force=force, what="package") as tmp:
+    with atomic_output_dir(out, force=force, what="package", inputs={"--package": source}) as tmp:
         modes, settings = {}, {}
         for name, graph in tqdm(manifest.graphs.items(), desc=f"quantizing ({mode})", unit=" graph",
                                 disable=not progress):
@@ -135,9 +134,11 @@ def quantize_package(source, out, mode, keep_fp32=(), calibration_data=(), calib
             log.info("quantizing %s to %s", name, mode)
             try:
                 settings[name] = quantize_graph(mode, source_file, tmp / graph.file, calibration_feeds.get(name))
-            except CalmEdgeError:
+            except (CalmEdgeError, OSError):  # an OSError (disk full) is the output's, not the graph's
                 raise
             except Exception as e:  # the ORT tools raise assorted exception types
+                if out_of_space(tmp):
+                    raise  # the disk is full, not the graph unquantizable: atomic_output_dir says so
                 raise CalmEdgeError(f"onnxruntime's {mode} quantizer failed on {source_file} ({e}); "
                                     f"keep that graph in fp32 with --keep-fp32 {name}") from None
             modes[name] = mode

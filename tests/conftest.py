@@ -113,6 +113,44 @@ def fused_packages(trained_runs, tmp_path_factory):
     return {"root": root, "calm": root / "calm", "ar": root / "ar", "manifests": manifests}
 
 
+# The random_packages fixture's dimensions.
+RANDOM_SETTINGS = ["tokenizer.vocab_size=512", "calm.backbone.max_positions=32", "ar.backbone.max_positions=64"]
+
+
+# Untrained packages (speed, formats, faults: anything that does not need trained weights).
+@pytest.fixture(scope="session")
+def random_packages(tmp_path_factory, tokenizer_dir):
+    """Tiny CALM and AR packages with random weights (their runs under runs/), and the AR as a Hugging Face folder."""
+    from calm_edge.config import preset
+    from calm_edge.export.exporter import export_package
+    from calm_edge.export.huggingface import export_hf
+    from calm_edge.export.random_weights import random_checkpoint
+
+    root = tmp_path_factory.mktemp("bench")
+    config = preset("tiny").with_overrides(RANDOM_SETTINGS)
+    found = {"root": root}
+    for kind in ("calm", "ar"):
+        random_checkpoint(config, kind, tokenizer_dir, root / "runs" / kind)
+        export_package(root / "runs" / kind, root / kind, e2e_prompts=1, e2e_tokens=8, progress=False)
+        found[kind] = root / kind
+    export_hf(root / "runs" / "ar", root / "hf")
+    found["hf"] = root / "hf"
+    return found
+
+
+# The released CALM format (tests/official_calm.py), with random weights of tiny dimensions.
+@pytest.fixture(scope="session")
+def released(tmp_path_factory):
+    """{"ae", "calm", "modules"}: an official autoencoder and CALM written as the release has them (.bin)."""
+    import official_calm as official
+
+    root = tmp_path_factory.mktemp("released")
+    ae, calm = official.build(seed=0)
+    official.save(ae.state_dict(), official.ae_config(), root / "CALM-Autoencoder")
+    official.save(calm.state_dict(), official.calm_config(), root / "CALM-tiny")
+    return {"root": root, "ae": root / "CALM-Autoencoder", "calm": root / "CALM-tiny", "modules": (ae, calm)}
+
+
 @pytest.fixture(scope="session")
 def cpp_build():
     """The build folder's cmake tree, built (or brought up to date) by runtime/cpp/build.sh."""

@@ -18,27 +18,6 @@ from calm_edge.cli import main
 from calm_edge.errors import CalmEdgeError
 
 TINY_MATRIX = {"prompt_lengths": "8", "new_tokens": "8", "batch_sizes": "1,2", "threads": "1", "temperatures": "1,1/2"}
-RANDOM_SETTINGS = ["tokenizer.vocab_size=512", "calm.backbone.max_positions=32", "ar.backbone.max_positions=64"]
-
-
-@pytest.fixture(scope="session")
-def random_packages(tmp_path_factory, tokenizer_dir):
-    """Tiny CALM and AR packages with random weights, and the AR as a Hugging Face folder."""
-    from calm_edge.config import preset
-    from calm_edge.export.exporter import export_package
-    from calm_edge.export.huggingface import export_hf
-    from calm_edge.export.random_weights import random_checkpoint
-
-    root = tmp_path_factory.mktemp("bench")
-    config = preset("tiny").with_overrides(RANDOM_SETTINGS)
-    found = {"root": root}
-    for kind in ("calm", "ar"):
-        random_checkpoint(config, kind, tokenizer_dir, root / "runs" / kind)
-        export_package(root / "runs" / kind, root / kind, e2e_prompts=1, e2e_tokens=8, progress=False)
-        found[kind] = root / kind
-    export_hf(root / "runs" / "ar", root / "hf")
-    found["hf"] = root / "hf"
-    return found
 
 
 def test_bench_writes_json_csv_and_plots(random_packages, tmp_path):

@@ -22,16 +22,6 @@ pytestmark = pytest.mark.skipif(not (LLAMA3 / "tokenizer.json").is_file(), reaso
 
 
 @pytest.fixture(scope="session")
-def released(tmp_path_factory):
-    """{"ae", "calm", "modules"}: an official autoencoder and CALM written as the release has them (.bin)."""
-    root = tmp_path_factory.mktemp("released")
-    ae, calm = official.build(seed=0)
-    official.save(ae.state_dict(), official.ae_config(), root / "CALM-Autoencoder")
-    official.save(calm.state_dict(), official.calm_config(), root / "CALM-tiny")
-    return {"root": root, "ae": root / "CALM-Autoencoder", "calm": root / "CALM-tiny", "modules": (ae, calm)}
-
-
-@pytest.fixture(scope="session")
 def imported(released, tmp_path_factory):
     out = tmp_path_factory.mktemp("imported") / "calm-tiny"
     import_official(released["calm"], released["ae"], LLAMA3, out=out)

@@ -111,7 +111,7 @@ def test_bad_requests_give_clear_errors_and_keep_the_old_package(packages, quant
         quantize_package(packages["ar"], tmp_path / "x", "int8-static")
     with pytest.raises(CalmEdgeError, match="not a calm-edge model package"):
         quantize_package(tmp_path, tmp_path / "x", "fp16")
-    with pytest.raises(CalmEdgeError, match="is the package being quantized"):
+    with pytest.raises(CalmEdgeError, match="is the input --package"):
         quantize_package(packages["ar"], packages["ar"], "fp16", force=True)
     assert not (tmp_path / "x").exists()
 

@@ -64,7 +64,8 @@ def train_calm(config, autoencoder, data, out, tokenizer=None, resume=False, for
         return CalmModel(cfg, autoencoder=ae_model)
 
     trainer = Trainer("calm", build, config, "train_calm", data, out,
-                      files={checkpoint.TOKENIZER_FILE: find_shards_tokenizer(shards, tokenizer)}, progress=progress)
+                      files={checkpoint.TOKENIZER_FILE: find_shards_tokenizer(shards, tokenizer)}, progress=progress,
+                      inputs={"--autoencoder": autoencoder})
     result = trainer.run(resume=resume, force=force)
     result["autoencoder"] = {"checkpoint": str(ae_saved.folder), "step": ae_saved.trainer.get("step"),
                              "valid": ae_saved.trainer.get("valid", {})}

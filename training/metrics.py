@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from calm_edge.fileio import write_bytes_atomic
+from calm_edge.fileio import reporting_os_errors, write_bytes_atomic
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
@@ -39,7 +39,7 @@ class MetricsLog:
         write_bytes_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
 
     def append(self, record):
-        with open(self.path, "a", encoding="utf-8") as f:
+        with reporting_os_errors(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def plot(self, title):

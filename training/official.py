@@ -280,7 +280,8 @@ def calm_names(tensors, calm):
 def import_official(calm, autoencoder=None, tokenizer=None, out="runs/calm-official", force=False):
     """Import the official CALM `calm` with its `autoencoder` (folders or hub ids) into the run folder `out`."""
     out = Path(out)
-    with atomic_output_dir(out, force=force, what="imported run") as tmp:  # refuses an existing `out` first
+    inputs = {"--calm": calm, "--autoencoder": autoencoder, "--tokenizer": tokenizer}
+    with atomic_output_dir(out, force=force, what="imported run", inputs=inputs) as tmp:  # refuses an existing `out` first
         calm_folder = resolve_folder(calm, "CALM model", "--calm")
         calm_config = read_config(calm_folder, "CALM model")
         if autoencoder is None:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from calm_edge.data import TokenShards, WindowLoader
 from calm_edge.errors import CalmEdgeError, ConfigError
+from calm_edge.fileio import check_apart, output_lock
 from calm_edge.training import checkpoint
 from calm_edge.training.metrics import MetricsLog
 
@@ -64,13 +65,16 @@ class Trainer:
     kind: the model kind recorded in checkpoints ("autoencoder", "calm", "ar").
     section: the config section with this run's TrainConfig ("train_autoencoder", ...).
     files: {name: path} copied into every checkpoint (the tokenizer).
+    inputs: {option: path} the run also reads (the frozen autoencoder), beside `data` and `files`:
+    `out` must be apart from all of them (`fileio.check_apart`).
     """
 
-    def __init__(self, kind, build_model, config, section, data, out, files=None, progress=True):
+    def __init__(self, kind, build_model, config, section, data, out, files=None, progress=True, inputs=None):
         self.kind, self.build_model, self.config, self.section = kind, build_model, config, section
         self.settings = getattr(config, section)
         self.out = Path(out)
         self.files = dict(files or {})
+        self.inputs = {"--data": data, "--tokenizer": list(self.files.values()), **(inputs or {})}
         self.progress = progress
         self.shards = TokenShards(data)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,7 +84,15 @@ class Trainer:
     # ----- the run ---------------------------------------------------------------------------
 
     def run(self, resume=False, force=False):
-        """Train to `max_steps` (from the newest checkpoint when `resume`). Returns a summary."""
+        """Train to `max_steps` (from the newest checkpoint when `resume`). Returns a summary.
+
+        One run at a time writes a run folder: a second is refused while this one holds its lock.
+        """
+        check_apart(self.out, self.inputs)
+        with output_lock(self.out):
+            return self._run(resume, force)
+
+    def _run(self, resume, force):
         s = self.settings
         resume_from = self._prepare_out(resume, force)
         torch.manual_seed(s.seed)
@@ -205,8 +217,12 @@ class Trainer:
             checkpoint.remove_leftovers(self.out)
             return newest
         existing = checkpoint.list_checkpoints(self.out)
+        if not existing and self.metrics.path.exists():
+            # A run stopped before its first checkpoint: nothing can resume it, so it is started
+            # over (refusing would leave --resume and a plain run each pointing at the other).
+            log.info("%s holds no checkpoint of an earlier run (it stopped before its first); starting over", self.out)
         if existing or self.metrics.path.exists():
-            if not force:
+            if existing and not force:
                 raise CalmEdgeError(
                     f"{self.out} already holds a training run; pass --resume to continue it or --force to start over"
                 )

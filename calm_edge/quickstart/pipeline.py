@@ -52,7 +52,7 @@ from calm_edge.evaluation.package import evaluate_model_package
 from calm_edge.evaluation.settings import EvalSettings
 from calm_edge.export.exporter import export_package
 from calm_edge.export.quantize import quantize_package
-from calm_edge.fileio import atomic_output_dir, write_json_atomic
+from calm_edge.fileio import atomic_output_dir, check_apart, output_lock, reporting_os_errors, write_json_atomic
 from calm_edge.quickstart.report import write_summary
 from calm_edge.quickstart.stages import Stage, is_finished, run_stages
 from calm_edge.runtime import GeneratorParams, Model, generate
@@ -442,9 +442,12 @@ def run_quickstart(out, preset_name="tiny", data=DEFAULT_DATA, config_file=None,
     if run.out.exists() and not run.out.is_dir():
         raise CalmEdgeError(f"--out {run.out} is a file; give a folder for the quickstart's outputs")
     expand_sources(run.data)  # a wrong --data path fails here, before anything is written
-    run.out.mkdir(parents=True, exist_ok=True)
-    stages = build_stages(run)
-    _check_same_run(run, stages, force)
-    results = run_stages(stages, run.out, force=force, progress=progress, echo=echo,
-                         after_stage=after_stage)
-    return write_summary(run, results)
+    check_apart(run.out, {"--data": list(run.data)})
+    with output_lock(run.out):  # two quickstarts into one folder would mix their stages
+        with reporting_os_errors(run.out):
+            run.out.mkdir(parents=True, exist_ok=True)
+        stages = build_stages(run)
+        _check_same_run(run, stages, force)
+        results = run_stages(stages, run.out, force=force, progress=progress, echo=echo,
+                             after_stage=after_stage)
+        return write_summary(run, results)
