@@ -22,7 +22,15 @@ from calm_edge import __version__
 from calm_edge.config import PRESETS, resolve_config
 from calm_edge.errors import CalmEdgeError
 from calm_edge.fileio import check_apart, check_writable, write_json_atomic
-from calm_edge.runtime.limits import max_threads
+from calm_edge.runtime.limits import MAX_CANDIDATES, MAX_NEW_TOKENS, SEED_MAX, max_threads
+
+# Whole-number options bounded as the runtimes bound them (runtime/limits.py): a value out of
+# range is a usage error (exit 2) before any work, in the C++ program alike.
+SEED = click.IntRange(0, SEED_MAX)
+NEW_TOKENS = click.IntRange(1, MAX_NEW_TOKENS)
+CANDIDATES = click.IntRange(1, MAX_CANDIDATES)
+THREADS = click.IntRange(1, max_threads())
+COUNT = click.IntRange(1)
 
 log = logging.getLogger("calm_edge")
 
@@ -168,7 +176,7 @@ eval_settings_options = _bundle([
     click.option("--max-positions", type=int, default=2000, show_default=True, help="Positions to evaluate at most."),
     click.option("--offsets", default="0", show_default=True,
                  help="Comma-separated offsets within a chunk to evaluate at, e.g. 0,1,2,3 (partial-chunk prompts)."),
-    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--seed", type=SEED, default=0, show_default=True),
     click.option("--protocol", type=click.Choice(["calm-edge", "official"]), default="calm-edge", show_default=True,
                  help="calm-edge: two sampled continuations at the positions above; official: the released models' "
                       "teacher-forced protocol over whole blocks (README: Run the official CALM models)."),
@@ -479,8 +487,8 @@ def eval_group():
 @text_source_options
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write the results to this JSON file (default: print them).")
-@click.option("--max-tokens", type=int, default=None, help="Evaluate at most this many tokens.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latent noise.")
+@click.option("--max-tokens", type=COUNT, default=None, help="Evaluate at most this many tokens.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the latent noise.")
 @click.pass_context
 def eval_autoencoder_command(ctx, checkpoint, text, out, max_tokens, seed):
     """Reconstruction accuracy of an autoencoder, and its accuracy under latent noise.
@@ -534,8 +542,8 @@ def package_eval_options(command):
                      help="CALM: the autoencoder run whose encoder gives the latents for reconstruction accuracy "
                           "(default: the one in the package's provenance, if present)."),
         eval_settings_options,
-        click.option("--reconstruction-tokens", type=int, default=None, help="Tokens for reconstruction accuracy at most."),
-        click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)."),
+        click.option("--reconstruction-tokens", type=COUNT, default=None, help="Tokens for reconstruction accuracy at most."),
+        click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads (default: all cores)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -572,8 +580,8 @@ def eval_package_command(ctx, package_dir, out, text, autoencoder, settings, rec
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the table to this JSON file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Draw relative BrierLM against decode speed-up to this PNG.")
-@click.option("--speed-tokens", type=int, default=128, show_default=True, help="Tokens generated per speed run.")
-@click.option("--speed-repeats", type=int, default=5, show_default=True, help="Speed runs per package (median).")
+@click.option("--speed-tokens", type=COUNT, default=128, show_default=True, help="Tokens generated per speed run.")
+@click.option("--speed-repeats", type=COUNT, default=5, show_default=True, help="Speed runs per package (median).")
 @package_eval_options
 @click.pass_context
 def eval_compare_command(ctx, packages, out, plot_path, speed_tokens, speed_repeats, text, autoencoder, settings,
@@ -588,8 +596,6 @@ def eval_compare_command(ctx, packages, out, plot_path, speed_tokens, speed_repe
     """
     from calm_edge.evaluation.compare import compare_packages, plot, table
 
-    if speed_tokens < 1 or speed_repeats < 1:
-        raise CalmEdgeError("--speed-tokens and --speed-repeats must be at least 1")
     report = compare_packages(list(packages), text, settings, autoencoder=autoencoder,
                               reconstruction_tokens=reconstruction_tokens, threads=threads, speed_tokens=speed_tokens,
                               speed_repeats=speed_repeats, progress=_progress(ctx))
@@ -608,7 +614,7 @@ def eval_compare_command(ctx, packages, out, plot_path, speed_tokens, speed_repe
 @click.option("--ar", "ar_dir", type=click.Path(), default=None, help="AR baseline run or checkpoint folder to export.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Package folder to write.")
 @click.option("--force", is_flag=True, help="Replace an existing package (only once the new one validated).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the end-to-end validation.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the end-to-end validation.")
 @click.option("--format", "out_format", type=click.Choice(["onnx", "hf"]), default="onnx", show_default=True,
               help="onnx: calm-edge model package; hf: the AR baseline as a Hugging Face Llama checkpoint (for peer runtimes).")
 @click.option("--optimize", is_flag=True,
@@ -665,7 +671,7 @@ def export_command(ctx, calm_dir, ar_dir, out, force, seed, out_format, optimize
               help="Windows of 64 tokens run through the fp32 package for int8-static calibration.")
 @click.option("--text-field", default="text", show_default=True, help="JSONL field that holds the text.")
 @click.option("--force", is_flag=True, help="Replace an existing --out (only once the new package validated).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the energy-head noise and validation.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the energy-head noise and validation.")
 @click.pass_context
 def quantize_command(ctx, package_dir, mode, out, keep_fp32, calibration_data, calibration_windows, text_field, force,
                      seed):
@@ -697,15 +703,15 @@ def quantize_command(ctx, package_dir, mode, out, keep_fp32, calibration_data, c
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="A CALM or AR training run instead of a package (PyTorch reference; needs the train extra).")
 @click.argument("prompt")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--max-new-tokens", type=NEW_TOKENS, default=64, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="T = 1/n: 1, 0.5, 0.333, ...")
 @click.option("--method", type=click.Choice(["batch", "exact"]), default="batch", show_default=True,
               help="CALM temperature sampling: batch approximation or exact rejection.")
-@click.option("--candidates", type=int, default=16, show_default=True, help="Chunks drawn per step by the batch approximation.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--candidates", type=CANDIDATES, default=16, show_default=True, help="Chunks drawn per step by the batch approximation.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--stop", "stop_sequences", multiple=True, help="Stop before this text (repeatable).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate_command(package_dir, checkpoint, prompt, max_new_tokens, temperature, method, candidates, seed,
                      stop_sequences, provider, threads, as_json):
@@ -807,8 +813,8 @@ def serve_command(package_dir, host, port, max_batch, max_queue, batching, reque
 @click.option("--rounds", type=click.IntRange(1, 1000), default=1, show_default=True,
               help="Times the runners take turns (each with --repeats runs per cell); ratios are then the "
                    "median of the rounds' ratios, robust to the machine's drift.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--candidates", type=int, default=16, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--candidates", type=CANDIDATES, default=16, show_default=True,
               help="CALM's batch approximation at T < 1: chunks drawn per step.")
 @click.option("--text", type=click.Path(dir_okay=False), default=None,
               help="JSONL documents to cut the prompts from (default: built-in prose).")

@@ -49,6 +49,7 @@ import numpy as np
 from calm_edge.errors import CalmEdgeError
 from calm_edge.runtime.generator import (GeneratorParams, accept_chunk, check_prompts, fill_to_chunks, left_pad,
                                          sample_chunks, sample_tokens)
+from calm_edge.runtime import limits
 from calm_edge.runtime.kv_cache import SlotCache
 from calm_edge.runtime.rng import RandomStream
 from calm_edge.runtime.step_state import TimedSampling
@@ -93,6 +94,7 @@ class Engine(TimedSampling):
             raise CalmEdgeError(f"max_batch={max_batch!r} must be a whole number of at least 1")
         self.model, self.max_batch, self.batching = model, max_batch, batching
         manifest = model.manifest
+        limits.check_batch(manifest, max_batch, model.max_context + 1, 1, f"max_batch={max_batch}")
         self._session = model.sessions[manifest.step_graph]
         # A row spans at most max_context positions; one more column is the step being computed.
         self.cache = SlotCache(manifest.past_names, manifest.present_names, max_batch, manifest.num_kv_heads,
@@ -109,6 +111,9 @@ class Engine(TimedSampling):
         """Queue a request (a prompt's token ids); returns its id. Every check runs here, before it is queued."""
         params = params or GeneratorParams()
         sampler = params.check()
+        if self.model.kind == "calm":  # every row may draw this request's candidates in one step
+            limits.check_draws(self.model, self.max_batch, sampler.draws_per_call(),
+                               f"candidates={params.candidates} at T = 1/{sampler.n}")
         prompt = [int(t) for t in prompt_ids]
         check_prompts([prompt], self.model.chunk_size, self.model.max_context)
         streams = params.streams if params.streams is not None else [0]

@@ -86,7 +86,7 @@ class GeneratorParams:
         if isinstance(self.stop_sequences, str) or not all(isinstance(s, str) and s for s in self.stop_sequences):
             raise CalmEdgeError(f"stop_sequences (--stop) {self.stop_sequences!r} must be a list of non-empty strings")
         for stream in self.streams or ():
-            limits.check_whole("streams", stream, 0, limits.SEED_MAX)
+            limits.check_whole("streams", stream, 0, limits.SEED_MAX, is_option=False)
         return TemperatureSampler(self.temperature, self.method, self.candidates)
 
 
@@ -189,8 +189,8 @@ class Generator:
             raise CalmEdgeError(f"{len(streams)} random streams for {len(prompts)} prompts; give one per prompt")
         self.rngs = [RandomStream(self.params.seed, s) for s in streams]
         if model.kind == "calm":
-            draws = self.sampler.draws_per_round() * (1 if self.sampler.single_round() else self.sampler.trials_per_call)
-            limits.check_draws(model, len(prompts), draws, f"candidates={self.params.candidates} at T = 1/{self.sampler.n}")
+            limits.check_draws(model, len(prompts), self.sampler.draws_per_call(),
+                               f"candidates={self.params.candidates} at T = 1/{self.sampler.n}")
 
         fill = getattr(model, "prompt_fill", "left-eos")
         rows = [fill_to_chunks(p, K, eos, fill, pad) for p in prompts]

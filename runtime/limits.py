@@ -15,18 +15,22 @@ MAX_CANDIDATES = 65536  # far past any useful batch approximation (16-64 is typi
 THREADS_PER_CORE = 4  # more intra-op threads than this per core only adds contention
 
 
-def option(name):
-    """How a message names the API argument `name` and its command-line option."""
-    return f"{name} (--{name.replace('_', '-')})"
+def option(name, is_option=True):
+    """How a message names the API argument `name` and, if it has one, its command-line option."""
+    return f"{name} (--{name.replace('_', '-')})" if is_option else name
 
 
-def check_whole(name, value, low=0, high=None, why=""):
-    """`value` must be an int (not a bool, not 1.5) in [low, high]; returns it."""
+def check_whole(name, value, low=0, high=None, why="", is_option=True):
+    """`value` must be an int (not a bool, not 1.5) in [low, high]; returns it.
+
+    is_option: whether the command line has an option of that name, for the message to show.
+    """
+    shown = option(name, is_option)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise CalmEdgeError(f"{option(name)} must be a whole number, got {value!r} ({type(value).__name__})")
+        raise CalmEdgeError(f"{shown} must be a whole number, got {value!r} ({type(value).__name__})")
     if value < low or (high is not None and value > high):
         span = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise CalmEdgeError(f"{option(name)} {value} is out of range: it must be {span}{why}")
+        raise CalmEdgeError(f"{shown} {value} is out of range: it must be {span}{why}")
     return value
 
 
@@ -89,3 +93,20 @@ def check_draws(model, rows, draws, what):
         f"{what} would draw {draws} chunks per step for {rows} prompt(s), about {need / 2**30:.1f} GiB, but this "
         f"machine has {free / 2**30:.1f} GiB available (half of it may be used); ask for at most {most}"
     )
+
+
+def check_batch(manifest, rows, positions, draws, what):
+    """Refuse a batch of `rows` sequences of `positions` tokens whose key-value cache (float32) and
+    drawn chunks (`draws` per row, 1 at T = 1) would not fit in half the memory available."""
+    model = manifest.model_section
+    cache = 2 * 4 * model["num_layers"] * model["num_kv_heads"] * model["head_dim"] * positions
+    chunk = 2 * 4 * (model.get("noise_size", 0) + model.get("latent_size", 0)
+                     + model["chunk_size"] * (model["hidden_size"] + model["vocab_size"]))
+    per_row = cache + draws * chunk
+    free = available_memory()
+    if free is None or rows * per_row <= free // 2:
+        return
+    raise CalmEdgeError(
+        f"{what}: {rows} rows of {positions} positions would take about {rows * per_row / 2**30:.1f} GiB, but this "
+        f"machine has {free / 2**30:.1f} GiB available (half of it may be used); ask for at most "
+        f"{max(1, (free // 2) // per_row)} rows")

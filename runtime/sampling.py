@@ -104,6 +104,10 @@ class TemperatureSampler:
             return 1
         return self.n if self.method == "exact" else self.candidates
 
+    def draws_per_call(self):
+        """The most chunks one call of the energy head draws per row (what its memory is sized by)."""
+        return self.draws_per_round() * (1 if self.single_round() else self.trials_per_call)
+
     def single_round(self):
         """Whether one round of `draws_per_round()` chunks always decides the step (T = 1 or batch)."""
         return self.n == 1 or self.method == "batch"

@@ -39,29 +39,38 @@ def eval_package(package, *options):
     return ["eval", "package", "--package", str(package), "--data", "demo:bible", "--max-positions", "2", *options]
 
 
+def bench(package, *options):
+    return ["bench", "--package", str(package), "--out", "bench.json", "--repeats", "1", *options]
+
+
 def config_show(*overrides):
     return ["config", "show", *[a for o in overrides for a in ("--set", o)]]
 
 
 # (name, argv builder given tmp_path, exit code, text the one Error: line must hold)
 CLI_CASES = [
-    ("candidates-huge", lambda t: generate(CALM, "--candidates", "1000000", "--temperature", "0.5"), 1, "--candidates"),
-    ("candidates-zero", lambda t: generate(CALM, "--candidates", "0"), 1, "--candidates"),
-    ("threads-huge", lambda t: generate(CALM, "--threads", "10000"), 1, "--threads"),
-    ("threads-zero", lambda t: generate(AR, "--threads", "0"), 1, "--threads"),
-    ("max-new-tokens-zero", lambda t: generate(CALM, "--max-new-tokens", "0"), 1, "--max-new-tokens"),
-    ("max-new-tokens-huge", lambda t: generate(AR, "--max-new-tokens", str(2**40)), 1, "--max-new-tokens"),
+    ("candidates-huge", lambda t: generate(CALM, "--candidates", "1000000", "--temperature", "0.5"), 2, "--candidates"),
+    ("candidates-zero", lambda t: generate(CALM, "--candidates", "0"), 2, "--candidates"),
+    ("threads-huge", lambda t: generate(CALM, "--threads", "10000"), 2, "--threads"),
+    ("threads-zero", lambda t: generate(AR, "--threads", "0"), 2, "--threads"),
+    ("max-new-tokens-zero", lambda t: generate(CALM, "--max-new-tokens", "0"), 2, "--max-new-tokens"),
+    ("max-new-tokens-huge", lambda t: generate(AR, "--max-new-tokens", str(2**40)), 2, "--max-new-tokens"),
     ("temperature-nan", lambda t: generate(CALM, "--temperature", "nan"), 1, "temperature nan"),
     ("temperature-inf", lambda t: generate(AR, "--temperature", "inf"), 1, "temperature inf"),
     ("temperature-tiny", lambda t: generate(CALM, "--temperature", "1e-9"), 1, "temperature"),
-    ("seed-negative", lambda t: generate(CALM, "--seed", "-1"), 1, "--seed"),
-    ("seed-2**64", lambda t: generate(AR, "--seed", str(2**64)), 1, "--seed"),
+    ("seed-negative", lambda t: generate(CALM, "--seed", "-1"), 2, "--seed"),
+    ("seed-2**64", lambda t: generate(AR, "--seed", str(2**64)), 2, "--seed"),
     ("prompt-not-utf8", lambda t: ["generate", "--package", str(CALM), "Hi\udcff"], 2, "UTF-8"),
     ("path-not-utf8", lambda t: ["generate", "--package", str(t / "pkg\udcff"), "Hi"], 2, "UTF-8"),
     ("package-and-checkpoint-missing", lambda t: ["generate", "Hi"], 2, "--package"),
+    ("bench-threads-huge", lambda t: bench(CALM, "--threads", "1,100000"), 1, "--threads"),
+    ("bench-new-tokens-2**40", lambda t: bench(AR, "--new-tokens", str(2**40)), 1, "--new-tokens"),
+    ("bench-batch-beyond-memory", lambda t: bench(CALM, "--batch-sizes", str(10**9)), 1, "--batch-sizes"),
+    ("bench-candidates-huge", lambda t: bench(CALM, "--candidates", "1000000"), 2, "--candidates"),
+    ("bench-seed-negative", lambda t: bench(AR, "--seed", "-1"), 2, "--seed"),
     ("eval-context-zero", lambda t: eval_package(CALM, "--context", "0"), 1, "--context"),
     ("eval-stride-zero", lambda t: eval_package(AR, "--stride", "0"), 1, "--stride"),
-    ("eval-seed-negative", lambda t: eval_package(CALM, "--seed", "-1"), 1, "--seed"),
+    ("eval-seed-negative", lambda t: eval_package(CALM, "--seed", "-1"), 2, "--seed"),
     ("lr-negative", lambda t: config_show("train_ar.lr=-1"), 1, "train_ar.lr"),
     ("lr-nan", lambda t: config_show("train_calm.lr=.nan"), 1, "train_calm.lr"),
     ("beta1-two", lambda t: config_show("train_ar.beta1=2"), 1, "train_ar.beta1"),
@@ -309,3 +318,19 @@ def test_error_after_progress_bar_starts_its_own_line(monkeypatch):
     result = CliRunner().invoke(main, generate(CALM))
     assert result.exit_code == 1
     one_error_line(result.output, "the loop broke")
+
+
+def test_the_engine_bounds_its_batch_and_each_request_by_available_memory(calm_model, monkeypatch):
+    """An Engine's preallocated cache, and a request whose candidates every row may draw at once, are
+    refused before anything is allocated or queued when the memory there cannot hold them."""
+    from calm_edge.runtime import Engine, GeneratorParams, limits
+
+    monkeypatch.setattr(limits, "available_memory", lambda: 1 << 30)
+    with pytest.raises(CalmEdgeError, match=r"max_batch=100000: 100000 rows .* ask for at most \d+ rows"):
+        Engine(calm_model, max_batch=100000)
+    engine = Engine(calm_model, max_batch=16)
+    with pytest.raises(CalmEdgeError, match=r"candidates=8192 at T = 1/2 .* ask for at most \d+"):
+        engine.add_request([5, 6, 7, 8], GeneratorParams(temperature=0.5, candidates=8192))
+    assert not engine.queue
+    engine.add_request([5, 6, 7, 8], GeneratorParams(temperature=0.5, candidates=16, max_new_tokens=4))
+    assert len(engine.queue) == 1

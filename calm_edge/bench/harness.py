@@ -30,6 +30,7 @@ from calm_edge.bench.prompts import prompt_batches
 from calm_edge.bench.runners import PEERS
 from calm_edge.config import Config
 from calm_edge.errors import CalmEdgeError
+from calm_edge.runtime import limits
 from calm_edge.runtime.model import DEFAULT_SPINNING, available_providers
 from calm_edge.runtime.package import Manifest
 from calm_edge.tokenizer import load_tokenizer
@@ -150,6 +151,10 @@ def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-wo
                                 "install onnxruntime-gpu in place of onnxruntime (README.md, GPU machines)")
     cells = build_matrix(**(matrix_options or {}))
     manifests, tokenizer_path = check_inputs(packages, peers, hf_dirs)
+    for path, manifest in manifests.items():  # before any prompt is built: a million rows would take it all
+        biggest = max(cells, key=lambda c: c.batch * (c.prompt_tokens + c.new_tokens))
+        limits.check_batch(manifest, biggest.batch, biggest.prompt_tokens + biggest.new_tokens,
+                           candidates if manifest.kind == "calm" else 1, f"--batch-sizes {biggest.batch} with {path}")
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     prompts = prompt_batches(load_tokenizer(tokenizer_path), text, sorted({c.prompt_tokens for c in cells}),

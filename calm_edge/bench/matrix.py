@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 
 from calm_edge.errors import CalmEdgeError
+from calm_edge.runtime.limits import MAX_NEW_TOKENS, THREADS_PER_CORE, max_threads
 from calm_edge.runtime.sampling import temperature_exponent
 
 DEFAULTS = {"prompt_lengths": "64,512", "new_tokens": "256", "batch_sizes": "1,4,16", "threads": "1,2",
@@ -31,14 +32,16 @@ class Cell:
         return asdict(self)
 
 
-def parse_counts(text, option):
-    """"1,4,16" -> [1, 4, 16]; anything but positive whole numbers is an error naming the option."""
+def parse_counts(text, option, high=None, why=""):
+    """"1,4,16" -> [1, 4, 16]; anything but whole numbers in [1, high] is an error naming the option."""
     values = []
     for part in str(text).split(","):
         part = part.strip()
         if not part.isdigit() or int(part) < 1:
             raise CalmEdgeError(f"{option} {text!r}: {part!r} is not a positive whole number; "
                                 f"give a comma-separated list such as {DEFAULTS.get(option.lstrip('-').replace('-', '_'), '1,2')}")
+        if high is not None and int(part) > high:
+            raise CalmEdgeError(f"{option} {text!r}: {part} is more than {high}{why}; give smaller values")
         values.append(int(part))
     return sorted(set(values))
 
@@ -61,8 +64,10 @@ def build_matrix(prompt_lengths=DEFAULTS["prompt_lengths"], new_tokens=DEFAULTS[
                  batch_sizes=DEFAULTS["batch_sizes"], threads=DEFAULTS["threads"],
                  temperatures=DEFAULTS["temperatures"]):
     """The cells, ordered so that each runner loads its model once per thread count."""
-    axes = (parse_counts(threads, "--threads"), parse_counts(prompt_lengths, "--prompt-lengths"),
-            parse_counts(new_tokens, "--new-tokens"), parse_counts(batch_sizes, "--batch-sizes"),
-            parse_temperatures(temperatures))
+    tokens = " (the runtimes count tokens in 32 bits)"
+    axes = (parse_counts(threads, "--threads", max_threads(), f" ({THREADS_PER_CORE} per core of this machine)"),
+            parse_counts(prompt_lengths, "--prompt-lengths", MAX_NEW_TOKENS, tokens),
+            parse_counts(new_tokens, "--new-tokens", MAX_NEW_TOKENS, tokens),
+            parse_counts(batch_sizes, "--batch-sizes"), parse_temperatures(temperatures))
     return [Cell(prompt_tokens=p, new_tokens=n, batch=b, threads=t, temperature=T)
             for t, p, n, b, T in itertools.product(*axes)]
