@@ -267,8 +267,10 @@ def test_a_read_only_filesystem_is_refused_before_any_work(writer, sources, tmp_
         if not mounted:
             stack.enter_context(injected(monkeypatch, errno.EROFS))
         out = disk / "result"
+        before = tree_hash(sources["root"])
         line = one_error_line(run(writer, sources, out), "Read-only file system")
         assert str(disk) in line
+        assert tree_hash(sources["root"]) == before
         if mounted:  # found before any work (an injected fault can only strike when the output is published)
             assert not out.exists()
 
@@ -276,8 +278,10 @@ def test_a_read_only_filesystem_is_refused_before_any_work(writer, sources, tmp_
 @pytest.mark.parametrize("writer", WRITERS, ids=ids(WRITERS))
 def test_a_path_under_proc_is_one_error(writer, sources):
     out = Path("/proc/calm-edge-test/result")
+    before = tree_hash(sources["root"])
     line = one_error_line(run(writer, sources, out))
     assert "/proc" in line
+    assert tree_hash(sources["root"]) == before
 
 
 # ----- one writer at a time, and what a killed one left ------------------------------------------
