@@ -11,8 +11,6 @@ elements of a flat buffer, so one buffer serves every length without reallocatio
 """
 import numpy as np
 
-ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
 
 class KVCache:
     """Ping-pong buffers for every past/present pair of the step graph."""

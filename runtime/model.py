@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from calm_edge.errors import CalmEdgeError
-from calm_edge.runtime.kv_cache import ONNX_TO_NUMPY
 from calm_edge.runtime.limits import check_threads
 from calm_edge.runtime.package import ONNX_DTYPES, Manifest
 from calm_edge.runtime.step_state import StepState
@@ -163,8 +162,8 @@ class Model:
         # crosses to the host between steps. Its dtype is the graph's (fp16 packages may keep
         # an fp16 cache).
         output_types = {o.name: o.type for o in self.sessions[manifest.step_graph].get_outputs()}
-        self.cache_dtype = ONNX_TO_NUMPY[output_types[manifest.present_names[0]]]
-        self.step_output_dtype = ONNX_TO_NUMPY[output_types[manifest.step_output]]
+        self.cache_dtype = np.dtype(ONNX_DTYPES[output_types[manifest.present_names[0]]])
+        self.step_output_dtype = np.dtype(ONNX_DTYPES[output_types[manifest.step_output]])
         self.cache_device = "cpu" if provider == "cpu" else "cuda"
 
     def new_state(self, batch, capacity):
