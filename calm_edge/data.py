@@ -316,15 +316,24 @@ class WindowLoader:
         """The next batch, an int64 array of shape [batch_size, window]."""
         batch = np.empty((self.batch_size, self.window), dtype=np.int64)
         for row in range(self.batch_size):
-            if self.position == self.num_windows:
-                self.epoch += 1
-                self.position = 0
-                self._order = self._order_of(self.epoch)
-            w = self._order[self.position]
+            w = self._next_window()
             start = self._offset_of[w]
             batch[row] = self._arrays[self._shard_of[w]][start:start + self.window]
-            self.position += 1
         return batch
+
+    def skip(self, batches):
+        """Move past `batches` batches without reading them (the other ranks' share of a step)."""
+        for _ in range(batches * self.batch_size):
+            self._next_window()
+
+    def _next_window(self):
+        """The next window's number in the order; a new epoch's permutation once one is used up."""
+        if self.position == self.num_windows:
+            self.epoch += 1
+            self.position = 0
+            self._order = self._order_of(self.epoch)
+        self.position += 1
+        return self._order[self.position - 1]
 
     def __iter__(self):
         while True:

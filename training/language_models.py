@@ -69,7 +69,7 @@ def train_calm(config, autoencoder, data, out, tokenizer=None, resume=False, for
     result = trainer.run(resume=resume, force=force)
     result["autoencoder"] = {"checkpoint": str(ae_saved.folder), "step": ae_saved.trainer.get("step"),
                              "valid": ae_saved.trainer.get("valid", {})}
-    return _write_summary(out, config, "calm", result)
+    return _write_summary(out, config, "calm", result, trainer.world.is_main)
 
 
 def train_ar(config, data, out, tokenizer=None, resume=False, force=False, progress=True):
@@ -80,15 +80,17 @@ def train_ar(config, data, out, tokenizer=None, resume=False, force=False, progr
     check_shards_vocabulary(config, shards, data)
     trainer = Trainer("ar", ARModel, config, "train_ar", data, out,
                       files={checkpoint.TOKENIZER_FILE: find_shards_tokenizer(shards, tokenizer)}, progress=progress)
-    return _write_summary(out, config, "ar", trainer.run(resume=resume, force=force))
+    return _write_summary(out, config, "ar", trainer.run(resume=resume, force=force), trainer.world.is_main)
 
 
-def _write_summary(out, config, kind, result):
+def _write_summary(out, config, kind, result, write=True):
+    """The run's summary, written to run_summary.json when `write` (rank 0 of a torchrun job)."""
     # flops.summary's "parameters" (trained ones) replaces the trainer's count, which for CALM
     # includes the frozen autoencoder.
     summary = {**result, "parameters_with_frozen": result["parameters"],
                **flops.summary(config, kind, tokens_seen=result["tokens_seen"])}
-    write_json_atomic(Path(out) / SUMMARY_FILE, summary)
+    if write:
+        write_json_atomic(Path(out) / SUMMARY_FILE, summary)
     return summary
 
 

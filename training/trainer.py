@@ -22,18 +22,20 @@ What the loop does, from the run's TrainConfig section:
   may change only its own training section (say, a larger `max_steps`: the cosine then
   stretches to the new end from where it is); the data order settings must stay.
 """
+import contextlib
 import logging
 import math
 import time
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from calm_edge.data import TokenShards, WindowLoader
 from calm_edge.errors import CalmEdgeError, ConfigError
 from calm_edge.fileio import check_apart, output_lock
-from calm_edge.training import checkpoint
+from calm_edge.training import checkpoint, distributed
 from calm_edge.training.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -75,9 +77,10 @@ class Trainer:
         self.out = Path(out)
         self.files = dict(files or {})
         self.inputs = {"--data": data, "--tokenizer": list(self.files.values()), **(inputs or {})}
-        self.progress = progress
+        self.world = distributed.world_from_environment()  # one process, or one rank of a torchrun job
+        self.progress = progress and self.world.is_main
         self.shards = TokenShards(data)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = distributed.device_of(self.world)
         self.metrics = MetricsLog(self.out)
         self.chunk_size = config.autoencoder.chunk_size
 
@@ -87,15 +90,21 @@ class Trainer:
         """Train to `max_steps` (from the newest checkpoint when `resume`). Returns a summary.
 
         One run at a time writes a run folder: a second is refused while this one holds its lock.
+        In a torchrun job every rank trains and rank 0 alone writes (training/distributed.py).
         """
         check_apart(self.out, self.inputs)
-        with output_lock(self.out):
-            return self._run(resume, force)
+        distributed.start(self.world, self.device)
+        with contextlib.ExitStack() as held:
+            def claim():  # rank 0's: the lock for the whole run, then the folder checked against --resume/--force
+                held.enter_context(output_lock(self.out))
+                return self._prepare_out(resume, force)
 
-    def _run(self, resume, force):
+            resume_from = distributed.from_main(self.world, claim)
+            return self._run(resume_from)
+
+    def _run(self, resume_from):
         s = self.settings
-        resume_from = self._prepare_out(resume, force)
-        torch.manual_seed(s.seed)
+        torch.manual_seed(s.seed)  # the same initial weights in every rank
         self.model = self.build_model(self.config).to(self.device)
         self.optimizer = make_optimizer(self.model, s)
         self.loader = WindowLoader(self.shards, "train", s.seq_len, s.batch_size, seed=s.seed,
@@ -104,6 +113,8 @@ class Trainer:
         self.last_valid = {}
         if resume_from is not None:
             self._restore(resume_from)
+        # Gradients averaged over the ranks at the last micro-batch of each step (no_sync before it).
+        self.ddp = DistributedDataParallel(self.model) if self.world.parallel else self.model
         if self.step >= s.max_steps:
             log.info("%s is already at step %d of %d; nothing to train", self.out, self.step, s.max_steps)
         if self.shards.tokens("valid") < s.seq_len:
@@ -133,11 +144,13 @@ class Trainer:
                     self.last_valid = self._validate()
                     if self.last_valid:
                         self._log("valid", self.last_valid)
-                    self.metrics.plot(f"{self.kind}: {self.out.name}")
-                if self.step % s.save_every == 0 or last:
+                    if self.world.is_main:
+                        self.metrics.plot(f"{self.kind}: {self.out.name}")
+                if (self.step % s.save_every == 0 or last) and self.world.is_main:
                     self._save()
         finally:
             bar.close()
+        distributed.barrier(self.world)  # every rank sees the last checkpoint
         latest = checkpoint.list_checkpoints(self.out)
         return {
             "kind": self.kind,
@@ -155,19 +168,28 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sums = {}
-        for _ in range(s.grad_accum_steps):
+        world, accum = self.world, s.grad_accum_steps
+        for micro in range(accum):
+            # Global micro-batch index (training/distributed.py): this rank's share of the step's
+            # accum * world micro-batches, its data and its randomness fixed by the index alone.
+            index = (self.step * accum + micro) * world.size + world.rank
+            self.loader.skip(world.rank)
             batch = torch.from_numpy(self.loader.next_batch()).to(self.device)
-            with self._autocast():
-                loss, metrics = self.model(batch)
-            (loss / s.grad_accum_steps).backward()
-            self.tokens_seen += batch.numel()
+            self.loader.skip(world.size - 1 - world.rank)
+            torch.manual_seed(distributed.micro_batch_seed(s.seed, index))
+            last = micro == accum - 1
+            with (contextlib.nullcontext() if last or not world.parallel else self.ddp.no_sync()):
+                with self._autocast():
+                    loss, metrics = self.ddp(batch)
+                (loss / accum).backward()
+            self.tokens_seen += batch.numel() * world.size
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        record = {name: total / s.grad_accum_steps for name, total in sums.items()}
+        record = distributed.mean_over_ranks(world, {name: total / accum for name, total in sums.items()}, self.device)
         return {**record, "grad_norm": float(grad_norm), "lr": lr}
 
     def _autocast(self):
@@ -199,7 +221,8 @@ class Trainer:
     def _log(self, split, values):
         record = {"step": self.step, "split": split, **{k: round(v, 6) for k, v in values.items()},
                   "tokens": self.tokens_seen, "elapsed_seconds": round(self.elapsed, 2)}
-        self.metrics.append(record)
+        if self.world.is_main:
+            self.metrics.append(record)
 
     @staticmethod
     def _postfix(record):
@@ -248,6 +271,7 @@ class Trainer:
             "data_tokenizer_sha256": self.shards.index["tokenizer"]["sha256"],
             "loader": self.loader.state_dict(),
             "valid": self.last_valid,
+            "world_size": self.world.size,
         }
         folder = checkpoint.save_checkpoint(self.out, self.step, self.kind, self.config, self.model, info, state,
                                             files=self.files)
@@ -255,6 +279,7 @@ class Trainer:
 
     def _restore(self, folder):
         saved = checkpoint.load_checkpoint(folder, self.kind)
+        _check_resume_info(saved.trainer, folder)
         self._check_same_model(saved)
         checkpoint.load_weights_into(self.model, saved)
         state = checkpoint.load_trainer_state(folder)
@@ -268,12 +293,12 @@ class Trainer:
                 f"{folder} was trained on data tokenized by another tokenizer than {self.shards.folder}; "
                 "resume with the same --data"
             )
-        _check_resume_info(info, folder)
         self.loader.load_state_dict(info["loader"])
         self.step, self.tokens_seen = int(info["step"]), int(info["tokens_seen"])
         self.elapsed = float(info["elapsed_seconds"])
         self.last_valid = info.get("valid", {})
-        self.metrics.keep_until(self.step)
+        if self.world.is_main:
+            self.metrics.keep_until(self.step)
         log.info("resumed %s at step %d", folder, self.step)
 
     def _check_same_model(self, saved):
@@ -289,18 +314,29 @@ class Trainer:
                         f"but this run has {value!r}; resume with the same --preset/--config/--set (or none, "
                         "to reuse the checkpoint's config)"
                     )
-        for key in ("batch_size", "seq_len", "seed", "grad_accum_steps"):
+        for key in ("batch_size", "seq_len", "seed"):
             ours, old = getattr(self.settings, key), theirs[self.section][key]
             if ours != old:
                 raise ConfigError(
                     f"cannot resume {saved.folder}: it was trained with {self.section}.{key}={old!r} but this run "
                     f"has {ours!r}; the data order depends on it, so resume with the same value"
                 )
+        # Micro-batches per step over all ranks fix the data order (training/distributed.py); the
+        # world size may change if grad_accum_steps changes with it.
+        world = saved.trainer.get("world_size", 1)
+        old_accum = theirs[self.section]["grad_accum_steps"]
+        if old_accum * world != self.settings.grad_accum_steps * self.world.size:
+            raise ConfigError(
+                f"cannot resume {saved.folder}: it took {old_accum} x {world} micro-batches per step "
+                f"(grad_accum_steps x processes), this run {self.settings.grad_accum_steps} x {self.world.size}; the "
+                f"data order depends on it: choose grad_accum_steps so that the product is {old_accum * world}")
 
 
 def _check_resume_info(info, folder):
     """The keys of trainer.json a resume reads, each of its type, so a damaged file names its key."""
     expected = {"step": int, "tokens_seen": int, "elapsed_seconds": (int, float), "loader": dict}
+    if "world_size" in info:  # since data parallelism (older checkpoints: one process)
+        expected["world_size"] = int
     for key, kind in expected.items():
         value = info.get(key)
         if isinstance(value, bool) or not isinstance(value, kind) or (not isinstance(value, dict) and value < 0):
