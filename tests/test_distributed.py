@@ -139,3 +139,24 @@ def test_the_world_comes_from_torchruns_environment():
     with pytest.raises(Exception, match="WORLD_SIZE='two' is not a whole number"):
         world_from_environment({"WORLD_SIZE": "two"})
     assert micro_batch_seed(0, 5) != micro_batch_seed(0, 6) != micro_batch_seed(1, 5)
+
+
+def test_a_run_resumes_at_another_world_size_with_the_same_micro_batches(ae_shards, tmp_path):
+    base = ["train", "ar", "--data", str(ae_shards)]
+    for name in ("two-two", "two-one"):
+        finished(torchrun([*base, "--out", str(tmp_path / name), *settings("train_ar", "max_steps=2", "save_every=2")]))
+    finished(torchrun([*base, "--out", str(tmp_path / "two-two"), "--resume",
+                       *settings("train_ar", "max_steps=4", "save_every=2")]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = CliRunner().invoke(main, ["-q", *base, "--out", str(tmp_path / "two-one"), "--resume",
+                                        *settings("train_ar", "max_steps=4", "save_every=2", "grad_accum_steps=2")])
+        refused = CliRunner().invoke(main, ["-q", *base, "--out", str(tmp_path / "two-two"), "--resume",
+                                            *settings("train_ar", "max_steps=6", "save_every=2")])
+    finally:
+        torch.set_num_threads(threads)
+    assert one.exit_code == 0, one.output
+    a, b = weights(tmp_path / "two-two"), weights(tmp_path / "two-one")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert refused.exit_code == 1 and "1 x 2 micro-batches per step" in refused.output, refused.output
