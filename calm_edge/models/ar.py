@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from calm_edge.config import Config
-from calm_edge.models.backbone import Backbone
+from calm_edge.models.backbone import Backbone, other_positions
 
 
 class ARModel(nn.Module):
@@ -34,9 +34,13 @@ class ARModel(nn.Module):
 
     def forward(self, ids):
         """Next-token cross-entropy over windows [batch, T]."""
-        logits, _ = self.logits(ids[:, :-1])
-        logits = logits.float()
+        hidden, _ = self.backbone(self.embed_tokens(ids[:, :-1]))
+        logits = self.lm_head(hidden).float()
         targets = ids[:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         accuracy = (logits.argmax(-1) == targets).float().mean()
-        return loss, {"ce": loss.detach(), "accuracy": accuracy.detach()}
+        metrics = {"ce": loss.detach(), "accuracy": accuracy.detach()}
+        if not self.training:  # validation: the context diagnostic (calm_edge/models/backbone.py)
+            elsewhere = self.lm_head(other_positions(hidden.reshape(-1, hidden.shape[-1]))).float()
+            metrics["ce_other_context"] = F.cross_entropy(elsewhere, targets.reshape(-1)).detach()
+        return loss, metrics

@@ -162,3 +162,16 @@ class Backbone(nn.Module):
             if param.dim() == 2:
                 scale = std / (2 * self.config.num_layers) ** 0.5 if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                 nn.init.normal_(param, mean=0.0, std=scale)
+
+
+def other_positions(hidden):
+    """`hidden` [N, H] with every row replaced by another row (a random cyclic shift, never 0).
+
+    The context diagnostic: a model's loss on hidden states that belong to other positions (of
+    other windows, mostly) against its loss on the true ones shows how much it uses its context.
+    A model that ignores its context scores the same on both.
+    """
+    if hidden.shape[0] < 2:
+        return hidden
+    shift = int(torch.randint(1, hidden.shape[0], ()))
+    return hidden.roll(shift, dims=0)

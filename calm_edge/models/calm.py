@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from calm_edge.config import Config
 from calm_edge.models.autoencoder import Autoencoder
-from calm_edge.models.backbone import Backbone, RMSNorm, SwiGLU
+from calm_edge.models.backbone import Backbone, RMSNorm, SwiGLU, other_positions
 
 LAYER_NORM_EPS = 1e-6  # the official model's LayerNorms (input projection, energy head)
 
@@ -250,4 +250,7 @@ class CalmModel(nn.Module):
                 "chunk_accuracy": correct.all(-1).float().mean(),
                 "latent_mse": F.mse_loss(samples[:, 0], mean),
             }
+            if not self.training:  # validation: the context diagnostic, same noise and targets
+                elsewhere = self.energy_head(other_positions(hidden), noise).float()
+                metrics["energy_other_context"] = energy_score_loss(elsewhere, targets, settings.energy_beta)
         return loss, metrics
