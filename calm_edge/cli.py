@@ -394,6 +394,8 @@ def train_autoencoder_command(ctx, data, out, tokenizer_dir, resume, force, pres
     config = _training_config(ctx, resume, force, preset, config_file, overrides)
     result = train_autoencoder(config, data, out, tokenizer=tokenizer_dir, resume=resume, force=force,
                                progress=_progress(ctx))
+    if not _main_process():
+        return
     valid = result["valid"]
     scores = (f"valid token accuracy {valid['accuracy']:.4f}, chunk accuracy {valid['chunk_accuracy']:.4f}, "
               if valid else "")
@@ -403,7 +405,16 @@ def train_autoencoder_command(ctx, data, out, tokenizer_dir, resume, force, pres
     )
 
 
+def _main_process():
+    """Whether this process prints a training run's result: rank 0 of a torchrun job, or the only one."""
+    from calm_edge.training.distributed import world_from_environment
+
+    return world_from_environment().is_main
+
+
 def _echo_lm_summary(summary):
+    if not _main_process():
+        return
     valid = summary.get("valid") or {}
     score = f"valid loss {valid['loss']:.4f}, " if "loss" in valid else ""
     click.echo(

@@ -206,8 +206,10 @@ class Trainer:
         batches = min(s.eval_batches, max(1, math.ceil(loader.num_windows / s.batch_size)))
         self.model.eval()
         sums = {}
-        # Validation must not move the training RNG, or a run with other eval settings diverges.
+        # Validation must not move the training RNG, or a run with other eval settings diverges;
+        # its own randomness is seeded alike in every rank, so its figures do not depend on the world.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(s.seed)
             for _ in range(batches):
                 batch = torch.from_numpy(loader.next_batch()).to(self.device)
                 with self._autocast():
