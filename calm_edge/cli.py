@@ -157,7 +157,7 @@ text_source_options = _bundle([
 ], _text_source, "text")
 
 
-def _eval_settings(context, stride, max_positions, offsets, seed, protocol, block_tokens):
+def _eval_settings(context, stride, max_positions, offsets, seed, protocol, block_tokens, other_context):
     from calm_edge.evaluation.settings import EvalSettings
 
     try:
@@ -165,7 +165,7 @@ def _eval_settings(context, stride, max_positions, offsets, seed, protocol, bloc
     except ValueError:
         raise CalmEdgeError(f"--offsets {offsets!r} must be comma-separated whole numbers, e.g. 0,1,2,3") from None
     return EvalSettings(context=context, stride=stride, max_positions=max_positions, offsets=offset_list, seed=seed,
-                        protocol=protocol, block_tokens=block_tokens)
+                        protocol=protocol, block_tokens=block_tokens, other_context=other_context)
 
 
 # --context, --stride, --max-positions, --offsets, --seed: where BrierLM is estimated, handed over as `settings`.
@@ -180,6 +180,9 @@ eval_settings_options = _bundle([
     click.option("--protocol", type=click.Choice(["calm-edge", "official"]), default="calm-edge", show_default=True,
                  help="calm-edge: two sampled continuations at the positions above; official: the released models' "
                       "teacher-forced protocol over whole blocks (README: Run the official CALM models)."),
+    click.option("--other-context", is_flag=True,
+                 help="The context diagnostic: also score each target after another position's context (a "
+                      "model that ignores its context scores the same)."),
     click.option("--block-tokens", type=int, default=8192, show_default=True,
                  help="--protocol official: tokens per evaluated block (the official 8192; capped at the context)."),
 ], _eval_settings, "settings")
@@ -541,7 +544,10 @@ def eval_brierlm_command(ctx, checkpoint, text, out, settings):
     if out:
         write_json_atomic(out, result)
     briers = ", ".join(f"Brier-{n} {result[f'brier_{n}']:.4f}" for n in (1, 2, 3, 4))
-    click.echo(f"{result['kind']} {result['checkpoint']}: BrierLM {result['brierlm']:.2f} ({briers})"
+    other = result.get("other_context")
+    shown = (f"; another position's context: Brier-1 {other['brier_1']:.4f} +/- {other['brier_1_stderr']:.4f} "
+             f"(true context {result['brier_1']:.4f} +/- {result['brier_1_stderr']:.4f})" if other else "")
+    click.echo(f"{result['kind']} {result['checkpoint']}: BrierLM {result['brierlm']:.2f} ({briers}){shown}"
                + (f" -> {out}" if out else ""))
 
 

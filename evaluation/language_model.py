@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from calm_edge.evaluation.brierlm import BrierAccumulator
 from calm_edge.evaluation.official import evaluate_official
-from calm_edge.evaluation.settings import CONTINUATION, EvalSettings, context_limit, eval_positions
+from calm_edge.evaluation.settings import (CONTINUATION, EvalSettings, context_limit, eval_positions,
+                                           other_context_pairs)
 from calm_edge.runtime.generator import GeneratorParams, generate_tokens
 
 
@@ -81,10 +82,13 @@ def _evaluate_offsets(model, K, text, settings, progress, samples=None):
         pairs = eval_positions([tokens.tolist()], K, context, settings.stride, settings.max_positions, offset=offset)
         results[str(offset)] = evaluate_brierlm(model, pairs, seed=settings.seed, batch_size=settings.batch_size,
                                                 progress=progress, samples=samples)
+        if settings.other_context and len(pairs) > 1:
+            results[str(offset)]["other_context"] = evaluate_brierlm(
+                model, other_context_pairs(pairs), seed=settings.seed, batch_size=settings.batch_size, progress=progress)
     main = results[str(settings.offsets[0])]
-    return {
-        "data": described,
-        "positions": settings.describe(context),
-        **{k: main[k] for k in ("brier_1", "brier_2", "brier_3", "brier_4", "brierlm")},
-        "by_offset": results,
-    }
+    headline = ("brier_1", "brier_2", "brier_3", "brier_4", "brierlm")
+    report = {"data": described, "positions": settings.describe(context), **{k: main[k] for k in headline}}
+    if "other_context" in main:
+        report["other_context"] = {k: main["other_context"][k] for k in (*headline, "brier_1_stderr")}
+        report["brier_1_stderr"] = main["brier_1_stderr"]
+    return {**report, "by_offset": results}

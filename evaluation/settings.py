@@ -30,6 +30,9 @@ class EvalSettings:
     # models' own protocol, teacher-forced over blocks of `block_tokens` (evaluation/official.py).
     protocol: str = "calm-edge"
     block_tokens: int = 8192
+    # The context diagnostic: also score each position's target after another position's context
+    # (`other_context_pairs`); a model that ignores its context scores the same on both.
+    other_context: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "offsets", tuple(self.offsets))
@@ -47,6 +50,12 @@ class EvalSettings:
         """What a report records of the positions: the context actually used, stride, count and seed."""
         return {"context_tokens": context_used, "stride": self.stride, "max_positions": self.max_positions,
                 "seed": self.seed}
+
+
+def other_context_pairs(pairs):
+    """Each target after the prefix of the position half the list away (another part of the text)."""
+    shift = len(pairs) // 2
+    return [(pairs[(i + shift) % len(pairs)][0], target) for i, (_, target) in enumerate(pairs)]
 
 
 def eval_positions(token_docs, chunk_size, context, stride, max_positions, offset=0):

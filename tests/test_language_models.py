@@ -135,6 +135,21 @@ def test_brierlm_evaluation_of_both_kinds_at_shifted_offsets(runs, corpus_jsonl)
             assert report["brier_1"] > 0.0
 
 
+def test_brierlm_with_another_positions_context(runs, corpus_jsonl):
+    from calm_edge.evaluation.settings import other_context_pairs
+
+    pairs = [([1, 2], [10]), ([3, 4], [11]), ([5, 6], [12]), ([7, 8], [13])]
+    assert other_context_pairs(pairs) == [([5, 6], [10]), ([7, 8], [11]), ([1, 2], [12]), ([3, 4], [13])]
+    settings = EvalSettings(context=32, stride=16, max_positions=64, other_context=True)
+    report = evaluate_checkpoint(runs["root"] / "ar", TextSource((corpus_jsonl,)), settings, progress=False)
+    other = report["other_context"]
+    assert set(other) == {"brier_1", "brier_2", "brier_3", "brier_4", "brierlm", "brier_1_stderr"}
+    assert -1.0 <= other["brier_1"] <= 1.0 and other["brier_1"] != report["brier_1"]
+    plain = evaluate_checkpoint(runs["root"] / "ar", TextSource((corpus_jsonl,)),
+                                EvalSettings(context=32, stride=16, max_positions=64), progress=False)
+    assert "other_context" not in plain and plain["brier_1"] == report["brier_1"]  # the true figures unchanged
+
+
 def test_eval_positions_are_shared_and_well_formed():
     tokens = list(range(100))
     pairs = eval_positions([tokens], 4, context=8, stride=8, max_positions=5, offset=1)
