@@ -122,9 +122,8 @@ def check_writable(out):
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not os.access(folder, os.W_OK | os.X_OK):
-        cause = os.strerror(errno.EROFS) if _read_only(folder) else os.strerror(errno.EACCES)
-        error = errno.EROFS if _read_only(folder) else errno.EACCES
-        raise os_error(OSError(error, cause), folder)
+        code = errno.EROFS if _read_only(folder) else errno.EACCES
+        raise os_error(OSError(code, os.strerror(code)), folder)
 
 
 def _read_only(folder):
