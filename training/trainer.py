@@ -20,7 +20,9 @@ What the loop does, from the run's TrainConfig section:
   config, optimizer, RNG states and the data loader's position, so that `resume=True` continues
   with exactly the batches, randomness and step count of an uninterrupted run. A resumed run
   may change only its own training section (say, a larger `max_steps`: the cosine then
-  stretches to the new end from where it is); the data order settings must stay.
+  stretches to the new end from where it is); the data order settings must stay;
+- under `torchrun`, data parallelism: each process trains its share of every step's
+  micro-batches, and the run is the one a single process would train (training/distributed.py).
 """
 import contextlib
 import logging
