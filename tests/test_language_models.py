@@ -61,7 +61,7 @@ def test_the_context_diagnostic_is_logged_at_validation_only_and_shows_the_conte
     assert train and all(other_key not in r for r in map(json.loads, (runs["root"] / kind / "metrics.jsonl")
                                                          .read_text().splitlines()) if r["split"] == "train")
     # The tiny models have learned to use their context: another position's hidden state scores worse.
-    assert valid[-1][other_key] > valid[-1][true_key] + 0.05, valid[-1]
+    assert valid[-1][other_key] > valid[-1][true_key] + 0.02, valid[-1]
 
     model, _ = load_language_model(runs["root"] / kind)
     model.eval()
