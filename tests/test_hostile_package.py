@@ -21,6 +21,8 @@ from calm_edge.runtime.generator import GeneratorParams, generate_tokens
 from calm_edge.runtime.model import Model
 
 from conftest import REPO
+from test_package_format import edit
+from test_package_format import set_key as key_set
 
 COMMITTED = REPO / "models" / "calm-small-int4"
 TIMEOUT = 60
@@ -77,21 +79,11 @@ def snapshot(folder):
 
 
 def edit_manifest(change):
-    def apply(folder, tools):
-        path = folder / "manifest.json"
-        manifest = json.loads(path.read_text())
-        change(manifest)
-        path.write_text(json.dumps(manifest))
-    return apply
+    return lambda folder, tools: edit(folder, change)
 
 
 def set_key(*keys, value):
-    def change(manifest):
-        target = manifest
-        for key in keys[:-1]:
-            target = target[key]
-        target[keys[-1]] = value
-    return edit_manifest(change)
+    return edit_manifest(key_set(*keys, value=value))
 
 
 def delete_key(*keys):
