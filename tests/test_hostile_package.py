@@ -8,7 +8,6 @@ The integer table checks that calm-edge-generate reads options as runtime/limits
 """
 import hashlib
 import io
-import json
 import os
 import shutil
 import subprocess
