@@ -151,8 +151,8 @@ def run_bench(packages=(), peers=(), hf=(), out="bench.json", work_dir="bench-wo
                                 "install onnxruntime-gpu in place of onnxruntime (README.md, GPU machines)")
     cells = build_matrix(**(matrix_options or {}))
     manifests, tokenizer_path = check_inputs(packages, peers, hf_dirs)
+    biggest = max(cells, key=lambda c: c.batch * (c.prompt_tokens + c.new_tokens))
     for path, manifest in manifests.items():  # before any prompt is built: a million rows would take it all
-        biggest = max(cells, key=lambda c: c.batch * (c.prompt_tokens + c.new_tokens))
         limits.check_batch(manifest, biggest.batch, biggest.prompt_tokens + biggest.new_tokens,
                            candidates if manifest.kind == "calm" else 1, f"--batch-sizes {biggest.batch} with {path}")
     work_dir = Path(work_dir)
