@@ -110,6 +110,9 @@ class CalmConfig:
     # released CALM models (README: The model's two structures; calm_edge/models/calm.py).
     input_projection: str = "calm-edge"
     energy_head: str = "calm-edge"
+    # Start calm-edge's energy head with its last layer at zero (every latent 0 at first), as the
+    # official head does; an initialisation only (benchmarks/results/architecture_tiny.json).
+    head_zero_init: bool = False
     # How a prompt is filled to a whole number of chunks: eos ids on the left (calm-edge's models),
     # or pad ids on the right, inside the last chunk (the released models' `generate`).
     prompt_fill: str = "left-eos"
@@ -141,6 +144,15 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     bf16: bool = False  # bfloat16 autocast
+    # Under torchrun, shard weights, gradients and optimizer state over the processes (PyTorch's
+    # FSDP, `fully_shard`) instead of a full copy in each (DistributedDataParallel): for models that
+    # do not fit one device. The same weights either way, up to float summation order.
+    fsdp: bool = False
+    # torch.compile the model's training forward and backward (benchmarks/results/train_speed.json).
+    compile: bool = False
+    # The device's peak FLOP/s for the model FLOPs utilisation logged with each train record; 0: the
+    # peak of a known GPU (training/throughput.py), none logged on other devices.
+    peak_flops: float = 0.0
     eval_every: int = 500
     eval_batches: int = 20
     save_every: int = 500

@@ -146,6 +146,18 @@ def calm_training_flops_per_token(config: Config):
     return (3 * trained + ae_encoder_flops(config)) / K
 
 
+def autoencoder_training_flops_per_token(config: Config):
+    """Per training token: encoder and decoder, forward and backward (3x)."""
+    return 3 * (ae_encoder_flops(config) + ae_decoder_flops(config)) / config.autoencoder.chunk_size
+
+
+def training_flops_per_token(config: Config, kind):
+    """Model FLOPs of one training token of a `kind` model (for throughput and utilisation)."""
+    per_token = {"autoencoder": autoencoder_training_flops_per_token, "calm": calm_training_flops_per_token,
+                 "ar": ar_training_flops_per_token}
+    return per_token[kind](config)
+
+
 def summary(config: Config, kind, tokens_seen=0, context_tokens=None):
     """Parameters, training FLOPs so far and inference FLOPs per token, for a run's metadata."""
     if kind == "calm":

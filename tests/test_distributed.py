@@ -2,7 +2,10 @@
 `torchrun --standalone --nproc_per_node 2 -m calm_edge.cli train ...` on the CPU (gloo).
 
 - 2 processes with grad_accum_steps 1 train the weights 1 process trains with grad_accum_steps 2
-  (the same global batches and randomness), for CALM and AR, up to float summation order;
+  (the same global batches and randomness), for CALM and AR, up to float summation order, with
+  whole copies of the model (DDP) and with it sharded (FSDP);
+- a checkpoint written under FSDP resumes in one process, and one written under DDP resumes
+  under FSDP, to the same weights;
 - a 2-process run killed with SIGKILL and resumed ends bit-identical to an uninterrupted one;
 - only rank 0 writes: one metrics record per step and split, one checkpoint folder.
 """
@@ -19,7 +22,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from calm_edge.cli import main
-from calm_edge.training.checkpoint import WEIGHTS_FILE, list_checkpoints
+from calm_edge.training.checkpoint import WEIGHTS_FILE, list_checkpoints, load_trainer_state
 from calm_edge.training.distributed import World, micro_batch_seed, world_from_environment
 
 STEPS = ["batch_size=2", "seq_len=16", "log_every=1", "eval_every=2", "eval_batches=1", "warmup_steps=1", "lr=3e-3"]
@@ -79,25 +82,36 @@ def autoencoder(ae_shards, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", ["ar", "calm"])
-def test_two_processes_train_what_one_process_with_accumulation_trains(kind, ae_shards, autoencoder, tmp_path):
+def one_process(arguments):
+    """`calm-edge -q ARGUMENTS` in this process, on one thread like each torchrun worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(main, ["-q", *arguments])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def largest_difference(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("kind,sharding", [("ar", "ddp"), ("calm", "ddp"), ("ar", "fsdp"), ("calm", "fsdp")])
+def test_two_processes_train_what_one_process_with_accumulation_trains(kind, sharding, ae_shards, autoencoder,
+                                                                        tmp_path):
     source = ["--autoencoder", str(autoencoder)] if kind == "calm" else []
     base = ["train", kind, *source, "--data", str(ae_shards)]
     section = f"train_{kind}"
     ranks = torchrun([*base, "--out", str(tmp_path / "two"), *settings(section, "max_steps=4", "save_every=4",
-                                                                       "grad_accum_steps=1")])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = CliRunner().invoke(main, ["-q", *base, "--out", str(tmp_path / "one"),
-                                        *settings(section, "max_steps=4", "save_every=4", "grad_accum_steps=2")])
-    finally:
-        torch.set_num_threads(threads)
-    assert one.exit_code == 0, one.output
+                                                                       "grad_accum_steps=1",
+                                                                       f"fsdp={str(sharding == 'fsdp').lower()}")])
+    one_process([*base, "--out", str(tmp_path / "one"),
+                 *settings(section, "max_steps=4", "save_every=4", "grad_accum_steps=2")])
     finished(ranks)
-    two, reference = weights(tmp_path / "two"), weights(tmp_path / "one")
-    assert two.keys() == reference.keys()
-    worst = max(float((two[k] - reference[k]).abs().max()) for k in two)
+    worst = largest_difference(weights(tmp_path / "two"), weights(tmp_path / "one"))
     assert worst < 1e-4, f"largest weight difference {worst}"
     records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in records if r["split"] == "train"]
@@ -160,3 +174,25 @@ def test_a_run_resumes_at_another_world_size_with_the_same_micro_batches(ae_shar
     a, b = weights(tmp_path / "two-two"), weights(tmp_path / "two-one")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
     assert refused.exit_code == 1 and "1 x 2 micro-batches per step" in refused.output, refused.output
+
+
+def test_checkpoints_resume_across_ddp_and_fsdp(ae_shards, tmp_path):
+    base = ["train", "ar", "--data", str(ae_shards)]
+    for name, first, then in (("fsdp-then-one", "true", None), ("ddp-then-fsdp", "false", "true")):
+        finished(torchrun([*base, "--out", str(tmp_path / name),
+                           *settings("train_ar", "max_steps=2", "save_every=2", f"fsdp={first}")]))
+        saved = load_trainer_state(list_checkpoints(tmp_path / name)[-1])["optimizer"]["state"]
+        assert all(isinstance(key, str if first == "true" else int) for key in saved)  # FSDP's state is by name
+        more = settings("train_ar", "max_steps=4", "save_every=2")
+        if then is None:  # one process takes up the sharded run's checkpoint
+            one_process([*base, "--out", str(tmp_path / name), "--resume", *more,
+                         "--set", "train_ar.grad_accum_steps=2"])
+        else:
+            finished(torchrun([*base, "--out", str(tmp_path / name), "--resume", *more,
+                               "--set", f"train_ar.fsdp={then}"]))
+    one_process([*base, "--out", str(tmp_path / "one"),
+                 *settings("train_ar", "max_steps=4", "save_every=2", "grad_accum_steps=2")])
+    reference = weights(tmp_path / "one")
+    for name in ("fsdp-then-one", "ddp-then-fsdp"):
+        worst = largest_difference(weights(tmp_path / name), reference)
+        assert worst < 1e-4, f"{name}: largest weight difference {worst}"

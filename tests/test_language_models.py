@@ -157,3 +157,31 @@ def test_eval_positions_are_shared_and_well_formed():
     assert pairs[1] == (tokens[5:13], tokens[13:17])
     with pytest.raises(CalmEdgeError, match="stride 6 must be a multiple of K=4"):
         eval_positions([tokens], 4, 8, 6, 5)
+
+
+def test_train_records_carry_throughput_and_utilisation_when_the_peak_is_known(runs):
+    from calm_edge.training.throughput import Throughput, peak_flops
+
+    rates = _train_records(runs["root"] / "ar", "tokens_per_second")
+    assert rates and all(rate > 0 for rate in rates)
+    records = [json.loads(line) for line in (runs["root"] / "ar" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("mfu" in r for r in records)  # a CPU's peak is unknown unless configured
+    assert peak_flops(torch.device("cpu")) == 0.0 and peak_flops(torch.device("cpu"), 2e12) == 2e12
+    meter = Throughput(flops_per_token=6e6, peak=1e12)
+    meter.clock -= 2.0  # as if 2 s had passed
+    record = meter.since_last(4000)
+    assert record["tokens_per_second"] == pytest.approx(2000, rel=0.01)
+    assert record["mfu"] == pytest.approx(2000 * 6e6 / 1e12, rel=0.01)
+
+
+def test_a_compiled_model_trains_the_weights_an_eager_one_trains(ae_shards, tmp_path):
+    from safetensors.torch import load_file
+
+    from calm_edge.training.checkpoint import WEIGHTS_FILE, list_checkpoints
+    from calm_edge.training.language_models import train_ar
+
+    steps = ["train_ar.max_steps=3", "train_ar.save_every=3", "train_ar.eval_every=1000"]
+    for name, compiled in (("eager", "false"), ("compiled", "true")):
+        train_ar(tiny_lm_config([*steps, f"train_ar.compile={compiled}"]), ae_shards, tmp_path / name, progress=False)
+    eager, compiled = (load_file(str(list_checkpoints(tmp_path / n)[-1] / WEIGHTS_FILE)) for n in ("eager", "compiled"))
+    assert max(float((eager[k] - compiled[k]).abs().max()) for k in eager) < 1e-4

@@ -65,17 +65,18 @@ class Checkpoint:
 # ----- writing -------------------------------------------------------------------------------
 
 
-def save_checkpoint(run_dir, step, kind, config, model, trainer_info, trainer_state, files=None, keep=1):
+def save_checkpoint(run_dir, step, kind, config, model, trainer_info, trainer_state, files=None, keep=1, weights=None):
     """Write `run_dir/checkpoints/step_{step}` atomically and keep only the newest `keep`.
 
-    `files` maps names in the checkpoint to existing files to copy in (the tokenizer).
+    `files` maps names in the checkpoint to existing files to copy in (the tokenizer). `weights`:
+    the state dict to write, when not `model.state_dict()` (a sharded model's, gathered whole).
     Returns the new checkpoint folder.
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
     folder = root / f"step_{step:08d}"
     with atomic_output_dir(folder, force=True, what="checkpoint") as tmp:
-        weights = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"kind": kind, "step": str(step)})
+        tensors = {name: t.detach().contiguous().cpu() for name, t in (weights or model.state_dict()).items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"kind": kind, "step": str(step)})
         write_json_atomic(tmp / CONFIG_FILE, {"kind": kind, **config.to_dict()})
         for name, source in (files or {}).items():
             shutil.copyfile(source, tmp / name)

@@ -16,14 +16,25 @@ global index alone (`micro_batch_seed`). So 2 processes with grad_accum_steps 1 
 gradients as 1 process with grad_accum_steps 2 (up to float summation order), and a run
 resumed at another world size with the same M continues with the very batches and randomness
 it would have had.
+
+Each process holds a whole copy of the weights (DistributedDataParallel), or with the training
+section's `fsdp` a 1/N shard of weights, gradients and optimizer state (PyTorch's FSDP,
+`fully_shard`: each backbone block gathers its weights only while it runs). Checkpoints are the
+same files either way: whole weights and optimizer state, gathered to rank 0, which writes them.
 """
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from calm_edge.errors import CalmEdgeError
+from calm_edge.models.backbone import Block
 
 
 @dataclass(frozen=True)
@@ -108,3 +119,57 @@ def from_main(world, compute):
 def micro_batch_seed(seed, index):
     """The torch seed of global micro-batch `index` of a run seeded `seed` (the same at any world size)."""
     return (seed * 1_000_003 + index) % (2**63 - 1)
+
+
+# ----- the model across the processes --------------------------------------------------------
+
+
+def parallelize(model, world, shard):
+    """What the trainer calls for a forward pass: `model` itself in a world of one; else wrapped in
+    DistributedDataParallel, or (`shard`) sharded in place by FSDP and returned. Under FSDP the
+    optimizer must be made afterwards, from the sharded parameters."""
+    if not world.parallel:
+        return model
+    if not shard:
+        return DistributedDataParallel(model)
+    for module in model.modules():
+        if isinstance(module, Block):
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def gradient_sync(wrapped, sync):
+    """The context of one micro-batch's forward and backward: its gradients averaged over the ranks
+    when `sync` (the step's last micro-batch), else only added up locally."""
+    if isinstance(wrapped, DistributedDataParallel):
+        return contextlib.nullcontext() if sync else wrapped.no_sync()
+    if isinstance(wrapped, FSDPModule):
+        wrapped.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def whole_state(model, optimizer):
+    """(weights, optimizer state) whole, for a checkpoint. Under FSDP they are gathered from every
+    rank, so every rank must call this, and rank 0 alone receives them (the others get empty dicts);
+    the optimizer state is then keyed by parameter name, not by index."""
+    if not isinstance(model, FSDPModule):
+        return model.state_dict(), optimizer.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def load_optimizer_state(model, optimizer, state, names):
+    """Load a checkpoint's whole optimizer state, whichever way it was written (by index, or by
+    name under FSDP) and whether `model` is sharded now or not. `names`: the parameter names in the
+    optimizer's order (an index-keyed state is renamed with them)."""
+    by_name = all(isinstance(key, str) for key in state["state"])
+    if not by_name and not isinstance(model, FSDPModule):
+        optimizer.load_state_dict(state)
+        return
+    if not by_name:
+        state = {"state": {names[index]: values for index, values in state["state"].items()},
+                 "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                  for group in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -17,6 +17,9 @@ PLOT_FILE = "curves.png"
 _NOT_PLOTTED = {"step", "split", "tokens", "elapsed_seconds"}
 
 
+OTHER_CONTEXT = "_other_context"  # the suffix of the context diagnostic's metrics (models/calm.py, ar.py)
+
+
 class MetricsLog:
     def __init__(self, run_dir):
         self.path = Path(run_dir) / METRICS_FILE
@@ -53,7 +56,7 @@ class MetricsLog:
         names = []
         for record in records:
             names += [k for k, v in record.items() if k not in _NOT_PLOTTED and k not in names
-                      and isinstance(v, (int, float))]
+                      and not k.endswith(OTHER_CONTEXT) and isinstance(v, (int, float))]
         if not names:
             return
         columns = min(3, len(names))
@@ -65,6 +68,12 @@ class MetricsLog:
                 if points:
                     steps, values = zip(*points)
                     ax.plot(steps, values, label=split, marker="o" if split == "valid" else None, markersize=3)
+            # The context diagnostic on its metric's axes: near the true-context line, context is unused.
+            points = [(r["step"], r[name + OTHER_CONTEXT]) for r in records if name + OTHER_CONTEXT in r]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, label="valid, another position's context", marker="x", markersize=4,
+                        linestyle="--")
             ax.set_title(name)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

@@ -12,8 +12,9 @@ What the loop does, from the run's TrainConfig section:
 - learning rate: linear warmup to `lr` over `warmup_steps`, then cosine decay to
   `lr * min_lr_ratio` at `max_steps`;
 - `grad_accum_steps` batches per optimizer step, gradients clipped to norm `grad_clip`,
-  optional bfloat16 autocast;
-- every `log_every` steps a "train" record (averaged over the steps since the last one), every
+  optional bfloat16 autocast, optional `torch.compile` (`compile`), the fused AdamW on CUDA;
+- every `log_every` steps a "train" record (averaged over the steps since the last one, with
+  tokens/s and model FLOPs utilisation: training/throughput.py), every
   `eval_every` steps and at the end a "valid" record over `eval_batches` fixed batches of the
   data's valid split; both go to metrics.jsonl and curves.png (see metrics.py);
 - every `save_every` steps and at the end a checkpoint (see checkpoint.py) holding weights,
@@ -22,7 +23,8 @@ What the loop does, from the run's TrainConfig section:
   may change only its own training section (say, a larger `max_steps`: the cosine then
   stretches to the new end from where it is); the data order settings must stay;
 - under `torchrun`, data parallelism: each process trains its share of every step's
-  micro-batches, and the run is the one a single process would train (training/distributed.py).
+  micro-batches, and the run is the one a single process would train, with a whole copy of the
+  model in each process or (`fsdp`) a shard of it (training/distributed.py).
 """
 import contextlib
 import logging
@@ -31,14 +33,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from calm_edge import flops
 from calm_edge.data import TokenShards, WindowLoader
 from calm_edge.errors import CalmEdgeError, ConfigError
 from calm_edge.fileio import check_apart, output_lock
 from calm_edge.training import checkpoint, distributed
 from calm_edge.training.metrics import MetricsLog
+from calm_edge.training.throughput import Throughput, peak_flops
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +56,22 @@ def learning_rate(step, settings):
     return floor + (settings.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, settings):
-    """AdamW that decays matrices (weights, embeddings) but not vectors (norms, biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def parameter_groups(model):
+    """The trained parameters as (name, parameter): matrices (weights, embeddings) first, then vectors
+    (norms, biases). The optimizer's order, by which its saved state is indexed."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [[(n, p) for n, p in named if p.dim() >= 2], [(n, p) for n, p in named if p.dim() < 2]]
+
+
+def make_optimizer(model, settings, device):
+    """AdamW that decays matrices but not vectors; on CUDA one fused kernel updates them all."""
+    matrices, vectors = parameter_groups(model)
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for _, p in matrices], "weight_decay": settings.weight_decay},
+        {"params": [p for _, p in vectors], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2))
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2),
+                             fused=device.type == "cuda")
 
 
 class Trainer:
@@ -108,15 +119,22 @@ class Trainer:
         s = self.settings
         torch.manual_seed(s.seed)  # the same initial weights in every rank
         self.model = self.build_model(self.config).to(self.device)
-        self.optimizer = make_optimizer(self.model, s)
         self.loader = WindowLoader(self.shards, "train", s.seq_len, s.batch_size, seed=s.seed,
                                    chunk_size=self.chunk_size)
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         self.last_valid = {}
-        if resume_from is not None:
-            self._restore(resume_from)
-        # Gradients averaged over the ranks at the last micro-batch of each step (no_sync before it).
-        self.ddp = DistributedDataParallel(self.model) if self.world.parallel else self.model
+        saved_state = self._restore(resume_from) if resume_from is not None else None
+        # The optimizer's parameter names, taken before FSDP (if on) shards the model in place.
+        self.parameter_names = [name for group in parameter_groups(self.model) for name, _ in group]
+        # Gradients averaged over the ranks at the last micro-batch of each step (training/distributed.py).
+        self.parallel = distributed.parallelize(self.model, self.world, s.fsdp)
+        self.optimizer = make_optimizer(self.model, s, self.device)
+        if saved_state is not None:
+            distributed.load_optimizer_state(self.model, self.optimizer, saved_state["optimizer"],
+                                             self.parameter_names)
+        self.forward = torch.compile(self.parallel) if s.compile else self.parallel
+        self.meter = Throughput(flops.training_flops_per_token(self.config, self.kind),
+                                peak_flops(self.device, s.peak_flops) * self.world.size, self.tokens_seen)
         if self.step >= s.max_steps:
             log.info("%s is already at step %d of %d; nothing to train", self.out, self.step, s.max_steps)
         if self.shards.tokens("valid") < s.seq_len:
@@ -139,6 +157,7 @@ class Trainer:
                 last = self.step == s.max_steps
                 if self.step % s.log_every == 0 or last:
                     record = {name: total / count for name, total in sums.items()}
+                    record.update(self.meter.since_last(self.tokens_seen))
                     self._log("train", record)
                     bar.set_postfix(self._postfix(record), refresh=False)
                     sums, count = {}, 0
@@ -148,8 +167,10 @@ class Trainer:
                         self._log("valid", self.last_valid)
                     if self.world.is_main:
                         self.metrics.plot(f"{self.kind}: {self.out.name}")
-                if (self.step % s.save_every == 0 or last) and self.world.is_main:
-                    self._save()
+                if self.step % s.save_every == 0 or last:
+                    self._save()  # every rank takes part (FSDP gathers the state), rank 0 writes
+                if self.step % s.eval_every == 0 or self.step % s.save_every == 0:
+                    self.meter.restart(self.tokens_seen)
         finally:
             bar.close()
         distributed.barrier(self.world)  # every rank sees the last checkpoint
@@ -159,7 +180,7 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "elapsed_seconds": round(self.elapsed, 2),
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "parameters": sum(p.numel() for p in self.model.parameters()),  # whole sizes, also under FSDP
             "valid": self.last_valid,
             "checkpoint": str(latest[-1]) if latest else None,
         }
@@ -179,16 +200,17 @@ class Trainer:
             batch = torch.from_numpy(self.loader.next_batch()).to(self.device)
             self.loader.skip(world.size - 1 - world.rank)
             torch.manual_seed(distributed.micro_batch_seed(s.seed, index))
-            last = micro == accum - 1
-            with (contextlib.nullcontext() if last or not world.parallel else self.ddp.no_sync()):
+            with distributed.gradient_sync(self.parallel, micro == accum - 1):
                 with self._autocast():
-                    loss, metrics = self.ddp(batch)
+                    loss, metrics = self.forward(batch)
                 (loss / accum).backward()
             self.tokens_seen += batch.numel() * world.size
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # under FSDP, a norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         record = distributed.mean_over_ranks(world, {name: total / accum for name, total in sums.items()}, self.device)
@@ -262,8 +284,11 @@ class Trainer:
         return None
 
     def _save(self):
+        weights, optimizer_state = distributed.whole_state(self.model, self.optimizer)
+        if not self.world.is_main:
+            return
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "torch_rng": torch.get_rng_state(),
         }
         if self.device.type == "cuda":
@@ -278,16 +303,17 @@ class Trainer:
             "world_size": self.world.size,
         }
         folder = checkpoint.save_checkpoint(self.out, self.step, self.kind, self.config, self.model, info, state,
-                                            files=self.files)
+                                            files=self.files, weights=weights)
         log.info("saved %s", folder)
 
     def _restore(self, folder):
+        """Weights, data position, counters and RNG from `folder`; returns its trainer state, whose
+        optimizer state is loaded once the optimizer exists."""
         saved = checkpoint.load_checkpoint(folder, self.kind)
         _check_resume_info(saved.trainer, folder)
         self._check_same_model(saved)
         checkpoint.load_weights_into(self.model, saved)
         state = checkpoint.load_trainer_state(folder)
-        self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -304,6 +330,7 @@ class Trainer:
         if self.world.is_main:
             self.metrics.keep_until(self.step)
         log.info("resumed %s at step %d", folder, self.step)
+        return state
 
     def _check_same_model(self, saved):
         """Resuming may change the run's own training section (e.g. more steps), nothing else."""
