@@ -9,7 +9,10 @@ concatenated noise and condition, its last layer zero at first; calm-edge: RMSNo
 that add the projected condition). Whether calm-edge's own training adopts the official structure
 is decided here: one autoencoder, then CALM models of each variant trained on the same shards with
 the same seeds, scored by the held-out energy loss (lower is better) and Brier-1 on held-out text
-(higher is better), each with its spread over the seeds.
+(higher is better), each with its spread over the seeds. The same runs measure two training
+choices: the warm-up's length, and the energy head's last layer starting at zero. Each run also
+reports its context gain, the held-out energy with every position's hidden state taken from
+another position minus the true-context energy: near 0, the model ignores its context.
 
 Data: the first documents of ../shared/data/wiki-train (training) and wiki-valid (scoring), a
 2,048-piece tokenizer trained on them; the tiny preset's models with a 256-token window.
@@ -34,10 +37,15 @@ from calm_edge.training.language_models import train_calm
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
-VARIANTS = {
+OFFICIAL_PROJECTION = ["calm.input_projection=official"]
+VARIANTS = {  # name -> overrides of the base below (whose CALM warms up over 40 of its 400 steps)
     "calm-edge": [],
-    "official input projection": ["calm.input_projection=official"],
-    "official input projection and energy head": ["calm.input_projection=official", "calm.energy_head=official"],
+    "calm-edge, energy head's last layer zero at first": ["calm.head_zero_init=true"],
+    "calm-edge, warm-up 200": ["train_calm.warmup_steps=200"],
+    "official input projection": OFFICIAL_PROJECTION,
+    "official input projection, warm-up 20": [*OFFICIAL_PROJECTION, "train_calm.warmup_steps=20"],
+    "official input projection, warm-up 200": [*OFFICIAL_PROJECTION, "train_calm.warmup_steps=200"],
+    "official input projection and energy head": [*OFFICIAL_PROJECTION, "calm.energy_head=official"],
 }
 
 
@@ -57,6 +65,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=str(REPO / "bench-work" / "architecture"))
     parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names, default all")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--characters", type=int, default=4_000_000)
     parser.add_argument("--positions", type=int, default=1000)
@@ -80,7 +89,8 @@ def main():
         train_autoencoder(base, work / "shards", work / "ae", force=True, progress=False)
     text = TextSource((str(valid_text),))
     results = {}
-    for name, overrides in VARIANTS.items():
+    for name in args.variants.split(","):
+        overrides = VARIANTS[name]
         runs = []
         for seed in map(int, args.seeds.split(",")):
             config = base.with_overrides([*overrides, f"train_calm.seed={seed}"])
@@ -89,17 +99,20 @@ def main():
             summary = train_calm(config, work / "ae", work / "shards", out, force=True, progress=False)
             quality = evaluate_checkpoint(out, text, EvalSettings(context=128, max_positions=args.positions, seed=seed),
                                           progress=False)
-            runs.append({"seed": seed, "valid_energy": summary["valid"]["energy"], "brier_1": quality["brier_1"],
+            valid = summary["valid"]
+            runs.append({"seed": seed, "valid_energy": valid["energy"],
+                         "context_gain": valid["energy_other_context"] - valid["energy"], "brier_1": quality["brier_1"],
                          "brier_1_stderr": quality["by_offset"]["0"]["brier_1_stderr"],
                          "parameters": summary["parameters"], "seconds": round(time.perf_counter() - began, 1)})
             print(name, runs[-1], flush=True)
         results[name] = {"runs": runs, **{f"{key}_mean": statistics.fmean(r[key] for r in runs)
-                                           for key in ("valid_energy", "brier_1")},
+                                           for key in ("valid_energy", "context_gain", "brier_1")},
                          **{f"{key}_sd": statistics.stdev(r[key] for r in runs) if len(runs) > 1 else None
-                            for key in ("valid_energy", "brier_1")}}
-    reference = results["calm-edge"]
+                            for key in ("valid_energy", "context_gain", "brier_1")}}
+    reference = results.get("calm-edge")
     for result in results.values():
-        result["valid_energy_vs_calm_edge"] = result["valid_energy_mean"] - reference["valid_energy_mean"]
+        if reference:
+            result["valid_energy_vs_calm_edge"] = result["valid_energy_mean"] - reference["valid_energy_mean"]
     write_json_atomic(args.out, {"benchmark": "architecture_tiny",
                                  "command": " ".join(["python", "benchmarks/architecture_choice.py", *sys.argv[1:]]),
                                  "settings": {"steps": args.steps, "seeds": args.seeds, "characters": args.characters,

@@ -188,6 +188,9 @@ class CalmModel(nn.Module):
                     nn.init.zeros_(module.bias)
         if isinstance(self.energy_head, OfficialEnergyHead):
             self.energy_head.init_weights()
+        elif self.config.calm.head_zero_init:
+            nn.init.zeros_(self.energy_head.out.weight)
+            nn.init.zeros_(self.energy_head.out.bias)
         self.backbone.init_weights()
 
     def train(self, mode=True):
