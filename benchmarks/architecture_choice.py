@@ -40,11 +40,11 @@ DATA = REPO.parent / "shared" / "data"
 OFFICIAL_PROJECTION = ["calm.input_projection=official"]
 VARIANTS = {  # name -> overrides of the base below (whose CALM warms up over 40 of its 400 steps)
     "calm-edge": [],
-    "calm-edge, energy head's last layer zero at first": ["calm.head_zero_init=true"],
-    "calm-edge, warm-up 200": ["train_calm.warmup_steps=200"],
+    "calm-edge with the head's last layer zero at first": ["calm.head_zero_init=true"],
+    "calm-edge with warm-up 200": ["train_calm.warmup_steps=200"],
     "official input projection": OFFICIAL_PROJECTION,
-    "official input projection, warm-up 20": [*OFFICIAL_PROJECTION, "train_calm.warmup_steps=20"],
-    "official input projection, warm-up 200": [*OFFICIAL_PROJECTION, "train_calm.warmup_steps=200"],
+    "official input projection with warm-up 20": [*OFFICIAL_PROJECTION, "train_calm.warmup_steps=20"],
+    "official input projection with warm-up 200": [*OFFICIAL_PROJECTION, "train_calm.warmup_steps=200"],
     "official input projection and energy head": [*OFFICIAL_PROJECTION, "calm.energy_head=official"],
 }
 

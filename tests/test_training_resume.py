@@ -227,6 +227,7 @@ def test_weight_decay_only_on_matrices():
     model = Autoencoder(config)
     optimizer = make_optimizer(model, config.train_autoencoder)
     decayed, plain = optimizer.param_groups
+    assert optimizer.defaults["fused"] is False  # fused only where the device is CUDA
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
     assert model.embed.weight in [p for p in decayed["params"]]

@@ -63,7 +63,7 @@ def parameter_groups(model):
     return [[(n, p) for n, p in named if p.dim() >= 2], [(n, p) for n, p in named if p.dim() < 2]]
 
 
-def make_optimizer(model, settings, device):
+def make_optimizer(model, settings, device=torch.device("cpu")):
     """AdamW that decays matrices but not vectors; on CUDA one fused kernel updates them all."""
     matrices, vectors = parameter_groups(model)
     groups = [
