@@ -10,6 +10,13 @@ times; tokens/s is taken from metrics.jsonl between the second and the last step
 steps warm up), and counts every process's tokens. The 1-process run accumulates as many
 micro-batches per step as the two processes do together, so both take the same global batch.
 Writes benchmarks/results/ddp_scaling.json with the 2-process / 1-process ratio per round.
+
+`--calm-run RUN` adds the context diagnostic of a trained CALM (the `small` one): at every
+validation of RUN, the held-out energy with each position's own hidden state and with another
+position's (`energy_other_context`). `--keep-timing` writes only that, keeping the timing
+figures already in `--out`.
+
+    python benchmarks/ddp_scaling.py --calm-run runs/calm_small --keep-timing
 """
 import argparse
 import json
@@ -41,6 +48,21 @@ def training_rate(run):
     return (last["tokens"] - first["tokens"]) / seconds, seconds / (last["step"] - first["step"])
 
 
+def context_diagnostic(run):
+    """The validation records of a CALM run: energy with the true and with another position's context."""
+    records = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in records if r["split"] == "valid" and "energy_other_context" in r]
+    if not valid:
+        raise SystemExit(f"error: {run}/metrics.jsonl has no validation with energy_other_context; "
+                         "give a CALM run trained with the context diagnostic")
+    curve = [{"step": r["step"], "energy": round(r["energy"], 4),
+              "energy_other_context": round(r["energy_other_context"], 4),
+              "gain": round(r["energy_other_context"] - r["energy"], 4)} for r in valid]
+    return {"run": str(run), "definition": "held-out energy (lower is better) with each position's own hidden "
+                                            "state, and with another position's; gain = other - own",
+            "validations": curve, "last": curve[-1]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ddp_scaling.json"))
@@ -49,7 +71,20 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--calm-run", help="A trained CALM run whose context diagnostic the report adds.")
+    parser.add_argument("--keep-timing", action="store_true",
+                        help="Do not time anything: keep the timing figures in --out, (re)write the diagnostic.")
     args = parser.parse_args()
+    out = Path(args.out)
+    diagnostic = {"context_diagnostic": context_diagnostic(args.calm_run)} if args.calm_run else {}
+    if args.keep_timing:
+        if not out.is_file():
+            raise SystemExit(f"error: --keep-timing needs the timing figures in {out}; run without it first")
+        report = json.loads(out.read_text())
+        write_json_atomic(out, {**report, **diagnostic,
+                                "diagnostic_command": " ".join(["python", "benchmarks/ddp_scaling.py", *sys.argv[1:]])})
+        print(json.dumps(diagnostic), "->", out)
+        return
 
     work = Path(args.work_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -87,7 +122,7 @@ def main():
                       "tokens_per_second_1": statistics.median(r["processes_1"]["tokens_per_second"] for r in runs),
                       "tokens_per_second_2": statistics.median(r["processes_2"]["tokens_per_second"] for r in runs)}
                for kind, runs in rounds.items()}
-    write_json_atomic(Path(args.out), {
+    write_json_atomic(out, {
         "benchmark": "ddp_scaling",
         "command": " ".join(["python", "benchmarks/ddp_scaling.py", *sys.argv[1:]]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -98,7 +133,7 @@ def main():
         "definitions": {"tokens_per_second": "training tokens of all processes between the second and the last "
                                              "step / the time between them (metrics.jsonl)",
                         "ratio_2_over_1": "2 processes / 1 process (accumulating 2 micro-batches) in the same round"},
-        "summary": summary, "rounds": rounds,
+        "summary": summary, "rounds": rounds, **diagnostic,
     })
     print(json.dumps(summary), "->", args.out)
 
