@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from calm_edge.fileio import write_json_atomic
+from calm_edge.training.metrics import OTHER_CONTEXT, MetricsLog
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,8 +42,7 @@ def cli(arguments, processes, env):
 
 def training_rate(run):
     """(tokens/s, seconds per step) between the second and the last train record of `run`."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["split"] == "train"]
+    train = [r for r in MetricsLog(run).records() if r["split"] == "train"]
     first, last = train[1], train[-1]
     seconds = last["elapsed_seconds"] - first["elapsed_seconds"]
     return (last["tokens"] - first["tokens"]) / seconds, seconds / (last["step"] - first["step"])
@@ -50,14 +50,13 @@ def training_rate(run):
 
 def context_diagnostic(run):
     """The validation records of a CALM run: energy with the true and with another position's context."""
-    records = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-    valid = [r for r in records if r["split"] == "valid" and "energy_other_context" in r]
+    log, other = MetricsLog(run), "energy" + OTHER_CONTEXT
+    valid = [r for r in log.records() if r["split"] == "valid" and other in r]
     if not valid:
-        raise SystemExit(f"error: {run}/metrics.jsonl has no validation with energy_other_context; "
+        raise SystemExit(f"error: {log.path} has no validation with {other}; "
                          "give a CALM run trained with the context diagnostic")
-    curve = [{"step": r["step"], "energy": round(r["energy"], 4),
-              "energy_other_context": round(r["energy_other_context"], 4),
-              "gain": round(r["energy_other_context"] - r["energy"], 4)} for r in valid]
+    curve = [{"step": r["step"], "energy": round(r["energy"], 4), other: round(r[other], 4),
+              "gain": round(r[other] - r["energy"], 4)} for r in valid]
     return {"run": str(run), "definition": "held-out energy (lower is better) with each position's own hidden "
                                             "state, and with another position's; gain = other - own",
             "validations": curve, "last": curve[-1]}

@@ -97,12 +97,13 @@ from pathlib import Path
 import torch
 
 from calm_edge.fileio import write_json_atomic
+from calm_edge.training.metrics import MetricsLog
 
 work, out, size, seconds = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 
 
 def run(name):
-    records = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+    records = MetricsLog(work / name).records()
     train = [r for r in records if r["split"] == "train"][1:]  # the first interval holds warm-up (compilation)
     summary = json.loads((work / name / "run_summary.json").read_text()) if (work / name / "run_summary.json").exists() else {}
     speed = {"tokens_per_second_median": statistics.median(r["tokens_per_second"] for r in train) if train else None}

@@ -1,7 +1,7 @@
 """Benchmark: training throughput with and without torch.compile, for CALM and AR, on this machine.
 
 For each model kind, an eager and a compiled run of the same configuration train `--steps`
-optimizer steps on the same shards, taking turns; tokens/s is the median of the train records'
+optimizer steps on the same shards, one after the other; tokens/s is the median of the train records'
 `tokens_per_second` after the first `--warmup` steps (compilation happens in those). The result
 is the compiled/eager ratio of each kind, measured in the same run, and whether the trainer should
 compile by default on this device.
@@ -11,7 +11,6 @@ compile by default on this device.
 Writes benchmarks/results/train_speed.json (or --out).
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,7 @@ import torch
 from calm_edge.config import preset
 from calm_edge.fileio import write_json_atomic
 from calm_edge.training.language_models import train_ar, train_calm
+from calm_edge.training.metrics import MetricsLog
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,8 +34,8 @@ def measure(kind, config, args, out):
         train_calm(config, args.autoencoder, args.data, out, force=True, progress=False)
     else:
         train_ar(config, args.data, out, force=True, progress=False)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["tokens_per_second"] for r in records if r["split"] == "train" and r["step"] > args.warmup]
+    train = [r for r in MetricsLog(out).records() if r["split"] == "train"]
+    rates = [r["tokens_per_second"] for r in train if r["step"] > args.warmup]
     return {"tokens_per_second": statistics.median(rates), "intervals": len(rates),
             "wall_seconds": round(time.perf_counter() - began, 1)}
 
