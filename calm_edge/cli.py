@@ -639,8 +639,11 @@ def eval_compare_command(ctx, packages, out, plot_path, speed_tokens, speed_repe
 @click.option("--fused-attention", is_flag=True,
               help="Write each layer's attention and rotary embeddings as ONNX Runtime's GroupQueryAttention and "
                    "RotaryEmbedding operators (see README: export).")
+@click.option("--decoder-layout", type=click.Choice(["split", "whole"]), default="split", show_default=True,
+              help="CALM: split decodes only the tokens a low-temperature step needs (package format 3); whole is "
+                   "format 1/2's single decoder graph, for runtimes older than format 3.")
 @click.pass_context
-def export_command(ctx, calm_dir, ar_dir, out, force, seed, out_format, optimize, fused_attention):
+def export_command(ctx, calm_dir, ar_dir, out, force, seed, out_format, optimize, fused_attention, decoder_layout):
     """Export a trained CALM or AR model to a validated model package (ONNX graphs + manifest).
 
     Example: calm-edge export --calm runs/calm --out packages/calm-small
@@ -662,7 +665,8 @@ def export_command(ctx, calm_dir, ar_dir, out, force, seed, out_format, optimize
                    f"{worst:.2e}, tokenizer identical on sample text")
         return
     manifest = export_package(calm_dir or ar_dir, out, force=force, kind="calm" if calm_dir else "ar", seed=seed,
-                              progress=_progress(ctx), optimize=optimize, fused_attention=fused_attention)
+                              progress=_progress(ctx), optimize=optimize, fused_attention=fused_attention,
+                              decoder_layout=decoder_layout)
     worst = max((r.get("max_abs_diff", 0.0) for cases in manifest.validation["graphs"].values()
                  for outputs in cases.values() for r in outputs.values()), default=0.0)
     sizes = ", ".join(f"{name} {g.total_bytes / 1e6:.1f} MB" for name, g in manifest.graphs.items())

@@ -35,7 +35,8 @@ def provenance(saved):
 
 
 def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_tokens=64, seed=0, progress=True,
-                   optimize=False, fused_attention=False, external_data_bytes=external_data.EXTERNAL_DATA_BYTES):
+                   optimize=False, fused_attention=False, external_data_bytes=external_data.EXTERNAL_DATA_BYTES,
+                   decoder_layout="split"):
     """Export the CALM or AR checkpoint at `checkpoint` to the package folder `out`.
 
     kind: "calm" or "ar" to insist on a model kind (the CLI's --calm / --ar), None for either.
@@ -46,6 +47,9 @@ def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_t
     stays the plain model.
     external_data_bytes: a graph whose weights reach this size keeps them in NAME.onnx.data (graphs
     over 2 GB must; the default is 1 GiB, see external_data.py).
+    decoder_layout: a CALM package's decoder "split" (format version 3: decoder + decoder_head, so
+    the runtime decodes only the tokens a step needs) or "whole" (versions 1 and 2's one graph, for
+    runtimes that read nothing newer); see runtime/package.py.
     """
     started = time.perf_counter()
     with atomic_output_dir(out, force=force, what="package", inputs={f"--{kind or 'calm'}": checkpoint}) as tmp:
@@ -53,13 +57,13 @@ def export_package(checkpoint, out, force=False, kind=None, e2e_prompts=3, e2e_t
         if kind is not None and saved.kind != kind:
             raise CalmEdgeError(f"{saved.folder} holds a {saved.kind} checkpoint, not {kind}; pass it with --{saved.kind}")
         kind = saved.kind
-        section = package.model_section(kind, saved.config)
+        section = package.model_section(kind, saved.config, decoder_layout)
         specs = package.graph_specs(kind, section)
         exported = model
         if fused_attention:  # a copy, so that validation compares with the model as trained
             exported = copy.deepcopy(model)
             fused_attention_module.fuse_attention(exported)
-        for name, module in graphs.wrappers(kind, exported).items():
+        for name, module in graphs.wrappers(kind, exported, decoder_layout).items():
             log.info("exporting %s", name)
             graphs.export_graph(module, specs[name], section, tmp / specs[name]["file"], external_data_bytes)
             if fused_attention:

@@ -69,6 +69,39 @@ class DecoderGraph(nn.Module):
         return self.model.decode_tokens(latents)
 
 
+class DecoderStatesGraph(nn.Module):
+    """Latents -> the decoder's last states [rows, K, H]: the decoder of a split package, all but the vocabulary."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def weight_modules(self):
+        ae = self.model.autoencoder
+        return [ae.from_latent, ae.decoder_chunk_layers, ae.expand, ae.decoder_token_layers, ae.decoder_norm]
+
+    def forward(self, latents):
+        return self.model.autoencoder.decode_states(latents)
+
+
+class DecoderHeadGraph(nn.Module):
+    """Decoder states [tokens, H] -> token ids [tokens]: the vocabulary projection and its argmax.
+
+    A graph of its own so the runtime can send it only the positions it needs (runtime/sampling.py,
+    `lazy_batch_choice`); each row's token depends on that row alone.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def weight_modules(self):
+        return [self.model.autoencoder.embed]
+
+    def forward(self, states):
+        return self.model.autoencoder.logits_from_states(states).argmax(-1)
+
+
 class ARGraph(nn.Module):
     """The baseline's step: logits of the last position and the new cache."""
 
@@ -88,7 +121,7 @@ def example_inputs(spec, model_section, batch=2, sequence=3, past=2, samples=4):
     """Tensors of the right dtypes and shapes for tracing one graph (axes sized distinctly)."""
     K = model_section.get("chunk_size", 1)
     sizes = {"batch": batch, "sequence": sequence, "sequence_tokens": sequence * K, "past": past,
-             "total": past + sequence, "samples": samples, "rows": batch * samples}
+             "total": past + sequence, "samples": samples, "rows": batch * samples, "tokens": batch * samples * K}
     tensors = []
     for io in spec["inputs"]:
         shape = [sizes[d] if isinstance(d, str) else d for d in io["shape"]]
@@ -105,11 +138,14 @@ def example_inputs(spec, model_section, batch=2, sequence=3, past=2, samples=4):
     return tuple(tensors)
 
 
-def wrappers(kind, model):
-    """{graph name: torch module} for a model of `kind`."""
+def wrappers(kind, model, decoder_layout="whole"):
+    """{graph name: torch module} for a model of `kind` (CALM: its decoder whole or split, see package.py)."""
     if kind == "ar":
         return {"ar": ARGraph(model)}
-    return {"backbone": BackboneGraph(model), "energy_head": EnergyHeadGraph(model), "decoder": DecoderGraph(model)}
+    graphs = {"backbone": BackboneGraph(model), "energy_head": EnergyHeadGraph(model)}
+    if decoder_layout == "split":
+        return {**graphs, "decoder": DecoderStatesGraph(model), "decoder_head": DecoderHeadGraph(model)}
+    return {**graphs, "decoder": DecoderGraph(model)}
 
 
 def export_graph(module, spec, model_section, path, external_data_bytes=external_data.EXTERNAL_DATA_BYTES):

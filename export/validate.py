@@ -85,7 +85,7 @@ def _real_inputs(model, runtime_model):
     mask = torch.ones(1, len(ids) // K, dtype=torch.long)
     positions = torch.arange(len(ids) // K)[None]
     empty = [torch.zeros(1, manifest.num_kv_heads, 0, manifest.head_dim) for _ in manifest.past_names]
-    step = graphs.wrappers(kind, model)[manifest.step_graph]
+    step = graphs.wrappers(kind, model, manifest.decoder_layout)[manifest.step_graph]
     with torch.no_grad():
         outputs = step(prompt, mask, positions, *empty)
     presents = list(outputs[1:])
@@ -98,7 +98,12 @@ def _real_inputs(model, runtime_model):
     noise = torch.rand(1, 8, manifest.noise_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         latents = model.sample_latents(hidden, noise)[0]
-    return {"backbone": cases, "energy_head": {"real": (hidden, noise)}, "decoder": {"real": (latents,)}}
+    real = {"backbone": cases, "energy_head": {"real": (hidden, noise)}, "decoder": {"real": (latents,)}}
+    if manifest.decoder_layout == "split":
+        with torch.no_grad():
+            states = model.autoencoder.decode_states(latents)
+        real["decoder_head"] = {"real": (states.reshape(-1, states.shape[-1]),)}
+    return real
 
 
 def validate_package(model, folder, e2e_prompts=3, e2e_tokens=64, seed=0, progress=True, fused_attention=False):
@@ -107,7 +112,7 @@ def validate_package(model, folder, e2e_prompts=3, e2e_tokens=64, seed=0, progre
     manifest = runtime_model.manifest
     kind, section = manifest.kind, manifest.model_section
     specs = manifest.specs()
-    modules = graphs.wrappers(kind, model)
+    modules = graphs.wrappers(kind, model, manifest.decoder_layout)
     torch.manual_seed(seed)
     real = _real_inputs(model, runtime_model)
     report = {"tolerance": TOLERANCE, "graphs": {}}

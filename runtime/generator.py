@@ -58,7 +58,7 @@ import numpy as np
 from calm_edge.errors import CalmEdgeError
 from calm_edge.runtime import limits
 from calm_edge.runtime.rng import RandomStream
-from calm_edge.runtime.sampling import TemperatureSampler
+from calm_edge.runtime.sampling import TemperatureSampler, lazy_batch_choice
 from calm_edge.runtime.timing import Trace
 
 STOP_REASONS = ("eos", "max_new_tokens", "context", "stop_sequence")
@@ -286,6 +286,10 @@ def sample_chunks(state, model, sampler, hidden, rngs, done):
         count = sampler.draws_per_round()
         noise = np.stack([rngs[row].draw(count * noise_size).reshape(count, noise_size) for row in active])
         latents = state.sample_latents(hidden[active], noise)
+        if sampler.n > 1 and getattr(state, "lazy_decoding", False):
+            for row, chunk in zip(active, choose_lazily(state, sampler, latents, [rngs[row] for row in active], K)):
+                chunks[row] = list(chunk)
+            return chunks
         drawn = state.decode(latents.reshape(-1, latents.shape[-1])).reshape(len(active), count, K).tolist()
         for row, row_chunks in zip(active, drawn):
             chunks[row] = list(sampler.choose([tuple(c) for c in row_chunks], rngs[row]))
@@ -298,6 +302,34 @@ def sample_chunks(state, model, sampler, hidden, rngs, done):
 
         chunks[row] = list(sampler.sample(draw_chunks, rngs[row]))
     return chunks
+
+
+def choose_lazily(state, sampler, latents, rngs, K):
+    """Each row's batch-approximation chunk from its candidates' latents [rows, N, latent], lazily.
+
+    The decoder runs once on every candidate; its head then only on the positions that
+    `sampling.lazy_batch_choice` asks for, every row's requests of a round in one call (at most
+    three calls a step). The choice uniforms are drawn first, in row order: decoding draws no
+    randomness, so each row's stream gives the values it gives plain decoding.
+    """
+    rows, count = latents.shape[:2]
+    states = state.decoder_states(latents.reshape(rows * count, -1))
+    states = states.reshape(rows * count * K, -1)  # row-major: (row, candidate, position)
+    choices = [lazy_batch_choice(count, K, sampler.n, rng.draw_one()) for rng in rngs]
+    requests = {row: next(choice) for row, choice in enumerate(choices)}
+    chosen = [None] * rows
+    while requests:
+        wanted = [(row * count + j) * K + p for row, pairs in requests.items() for j, p in pairs]
+        token_ids = state.head_tokens(states[wanted]).tolist()
+        following, at = {}, 0
+        for row, pairs in requests.items():
+            try:
+                following[row] = choices[row].send(token_ids[at:at + len(pairs)])
+            except StopIteration as finished:
+                chosen[row] = finished.value
+            at += len(pairs)
+        requests = following
+    return chosen
 
 
 def sample_tokens(logits, n, rngs, done, pad):

@@ -54,7 +54,8 @@ def tensorrt_options(manifest: Manifest, engine_cache, max_batch=16, fp16=True):
 
     def shapes(spec, pick):
         dims = {"batch": pick[0], "sequence": pick[1], "sequence_tokens": pick[1] * K, "past": pick[2],
-                "total": pick[1] + pick[2], "samples": pick[3], "rows": pick[0] * pick[3]}
+                "total": pick[1] + pick[2], "samples": pick[3], "rows": pick[0] * pick[3],
+                "tokens": pick[0] * pick[3] * K}
         parts = []
         for io in spec["inputs"]:
             shape = [str(dims[d]) if isinstance(d, str) else str(d) for d in io["shape"]]
@@ -190,7 +191,28 @@ class Model:
                                                        "noise": np.ascontiguousarray(noise, np.float32)})[0]
 
     def decode(self, latents):
+        """Latents [M, latent] -> token ids [M, K], whatever the decoder's layout."""
+        if self.manifest.decoder_layout == "whole":
+            return self.sessions["decoder"].run(None, {"latents": np.ascontiguousarray(latents, np.float32)})[0]
+        states = self.decoder_states(latents)
+        return self.head_tokens(states.reshape(-1, states.shape[-1])).reshape(states.shape[:2])
+
+    def decoder_states(self, latents):
+        """A split decoder's last states [M, K, decoder_hidden] for latents [M, latent]."""
         return self.sessions["decoder"].run(None, {"latents": np.ascontiguousarray(latents, np.float32)})[0]
+
+    def head_tokens(self, states):
+        """A split decoder's head: token ids [R] for decoder states [R, decoder_hidden].
+
+        A lone row is sent twice: ONNX Runtime computes a one-row product by another kernel whose
+        rounding can differ in the last bit (int4's MatMulNBits does), and a token must not depend
+        on how many rows travelled with it. From two rows on, each row's result is the same
+        whatever the others are (tests/test_lazy_decoding.py checks this).
+        """
+        states = np.ascontiguousarray(states, np.float32)
+        if len(states) == 1:
+            return self.sessions["decoder_head"].run(None, {"decoder_states": np.repeat(states, 2, axis=0)})[0][:1]
+        return self.sessions["decoder_head"].run(None, {"decoder_states": states})[0]
 
 
 def session_signature(session):

@@ -1,10 +1,11 @@
-"""The model package, format versions 1 and 2: the one module that knows its layout.
+"""The model package, format versions 1 to 3: the one module that knows its layout.
 
 A package is a folder with everything a runtime needs and nothing else:
 
     manifest.json       what the model is, where each file is, how each graph is called
     tokenizer.model     the SentencePiece model (or tokenizer.json: a Hugging Face tokenizer, version 2)
     CALM:  backbone.onnx  energy_head.onnx  decoder.onnx   (+ *.onnx.data: external weights, version 2)
+           (+ decoder_head.onnx: a split decoder, version 3)
     AR:    ar.onnx
 
 Version 2 says what version 1 cannot, and a reader of version 2 opens every version-1 package
@@ -14,9 +15,17 @@ unchanged (the defaults in brackets are version 1's):
 - how a CALM prompt is filled to whole chunks, "left-eos" or "right-pad" (the released models':
   pad ids on the right, inside the last chunk) ("model": {"prompt_fill"}) [left-eos];
 - graphs whose weights lie in ONNX external data files (graphs over 2 GB), each with its sha256.
-Every file a manifest names must lie inside the package folder, in both versions. `write_manifest`
-writes version 1 whenever a package needs nothing of version 2, so the packages of calm-edge's own
-models still open in runtimes that read version 1 only.
+Version 3 adds the split decoder ("model": {"decoder_layout": "split", "decoder_hidden_size"}):
+`decoder.onnx` stops before the vocabulary and gives the decoder's last states, and
+`decoder_head.onnx` maps any set of those states to token ids. A runtime can then send the head
+only the positions it needs: at T < 1 the batch approximation needs every candidate's first
+token but, mostly, the other K - 1 tokens of one candidate only (runtime/sampling.py,
+`lazy_batch_choice`), and the vocabulary projection is most of a decoder's arithmetic. A split
+package decodes every token exactly as the whole decoder does. [whole: decoder.onnx gives token
+ids]
+Every file a manifest names must lie inside the package folder, in every version. `write_manifest`
+writes the lowest version a package needs, so a package that needs nothing of versions 2 and 3
+still opens in runtimes that read version 1 only.
 
 Graphs (names follow optimum and onnxruntime-genai; `graph_specs` below is the contract):
 
@@ -27,6 +36,8 @@ Graphs (names follow optimum and onnxruntime-genai; `graph_specs` below is the c
     energy_head  hidden [batch, hidden], noise [batch, N, noise_size] -> latents [batch, N, latent]
                  noise is the shared generator's raw uniforms in [0, 1) (see runtime/rng.py).
     decoder      latents [M, latent] -> token_ids int64 [M, K]   (argmax inside the graph)
+                 split (version 3): latents [M, latent] -> decoder_states [M, K, decoder_hidden]
+    decoder_head decoder_states [R, decoder_hidden] -> token_ids int64 [R]   (split only; R any rows)
     ar           as backbone with K = 1, -> logits [batch, vocab] of the last position, present.*
 
 Writing: the exporter and the quantizer build the manifest's sections here (`model_section`,
@@ -49,11 +60,17 @@ from calm_edge.tokenizer import FILES as TOKENIZER_FILES  # the file a package c
 
 FORMAT = "calm-edge-package"
 FORMAT_VERSION = 1  # what a package that needs nothing of version 2 is written as (calm-edge's own models')
-LATEST_VERSION = 2  # the newest version this calm-edge reads and writes
+LATEST_VERSION = 3  # the newest version this calm-edge reads and writes
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"  # a SentencePiece package's; see TOKENIZER_FILES
 KINDS = ("calm", "ar")
 GRAPHS = {"calm": ("backbone", "energy_head", "decoder"), "ar": ("ar",)}
+DECODER_LAYOUTS = ("whole", "split")  # see version 3 above
+SPLIT_GRAPHS = ("backbone", "energy_head", "decoder", "decoder_head")
+# Quantization modes whose activations are quantized over a whole call (one scale for every row):
+# a row's token ids then depend on the other rows sent with it, so the runtime must send the head
+# every position of every candidate at once, as the whole decoder does.
+ROW_DEPENDENT_MODES = ("int8-dynamic",)
 STEP_GRAPH = {"calm": "backbone", "ar": "ar"}  # the graph that holds the key/value cache
 MAX_CONTEXT = 1 << 20  # positions; far beyond any model, and a bound on what a manifest may ask to allocate
 MAX_DIMENSION = 1 << 24  # any other size of the model section: beyond any model, and inside a C++ int's products
@@ -88,7 +105,7 @@ def graph_specs(kind, model):
                        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", model["vocab_size"]]},
                                    *present]}}
     hidden, latent, K = model["hidden_size"], model["latent_size"], model["chunk_size"]
-    return {
+    specs = {
         "backbone": {"file": "backbone.onnx", "inputs": step_inputs,
                      "outputs": [{"name": "hidden", "dtype": "float32", "shape": ["batch", "sequence", hidden]},
                                  *present]},
@@ -101,6 +118,14 @@ def graph_specs(kind, model):
                     "inputs": [{"name": "latents", "dtype": "float32", "shape": ["rows", latent]}],
                     "outputs": [{"name": "token_ids", "dtype": "int64", "shape": ["rows", K]}]},
     }
+    if model.get("decoder_layout", "whole") == "split":
+        states = model["decoder_hidden_size"]
+        specs["decoder"]["outputs"] = [{"name": "decoder_states", "dtype": "float32", "shape": ["rows", K, states]}]
+        specs["decoder_head"] = {
+            "file": "decoder_head.onnx",
+            "inputs": [{"name": "decoder_states", "dtype": "float32", "shape": ["tokens", states]}],
+            "outputs": [{"name": "token_ids", "dtype": "int64", "shape": ["tokens"]}]}
+    return specs
 
 
 def dynamic_axes(spec):
@@ -112,8 +137,14 @@ def dynamic_axes(spec):
 # ----- writing ---------------------------------------------------------------------------------
 
 
-def model_section(kind, config):
-    """The manifest's "model" section for the `kind` model of a `calm_edge.config.Config`."""
+def model_section(kind, config, decoder_layout="split"):
+    """The manifest's "model" section for the `kind` model of a `calm_edge.config.Config`.
+
+    decoder_layout: "split" (version 3, the default: what the runtime decodes fastest) or "whole"
+    (the decoder of versions 1 and 2, for runtimes that read nothing newer).
+    """
+    if decoder_layout not in DECODER_LAYOUTS:
+        raise CalmEdgeError(f"decoder layout {decoder_layout!r} is unknown; choose one of: {', '.join(DECODER_LAYOUTS)}")
     tok = config.tokenizer
     backbone = (config.calm if kind == "calm" else config.ar).backbone
     section = {
@@ -132,6 +163,8 @@ def model_section(kind, config):
                        energy_head_layers=config.calm.energy_head_layers)
         if config.calm.prompt_fill != "left-eos":  # version 2 (left-eos is version 1's rule)
             section["prompt_fill"] = config.calm.prompt_fill
+        if decoder_layout == "split":  # version 3
+            section.update(decoder_layout="split", decoder_hidden_size=config.autoencoder.hidden_size)
     return section
 
 
@@ -180,11 +213,12 @@ def write_manifest(folder, kind, model, provenance, quantization=None, validatio
     tokenizer = {"file": tokenizer_file, "sha256": sha256_of(folder / tokenizer_file)}
     needs_v2 = (tokenizer_kind != "sentencepiece" or add_bos or model.get("prompt_fill", "left-eos") != "left-eos"
                 or any("external_data" in g for g in graphs.values()))
+    needs_v3 = model.get("decoder_layout", "whole") == "split"
     if needs_v2:
         tokenizer.update(kind=tokenizer_kind, add_bos=bool(add_bos))
     manifest = {
         "format": FORMAT,
-        "format_version": LATEST_VERSION if needs_v2 else FORMAT_VERSION,
+        "format_version": 3 if needs_v3 else 2 if needs_v2 else FORMAT_VERSION,
         "kind": kind,
         "model": model,
         "tokenizer": tokenizer,
@@ -255,6 +289,7 @@ class Manifest(Mapping):
         self.latent_size, self.noise_size = model.get("latent_size", 0), model.get("noise_size", 0)
         self.special_ids = dict(model["special_ids"])
         self.prompt_fill = model.get("prompt_fill", "left-eos")
+        self.decoder_layout = model.get("decoder_layout", "whole")
         self.tokenizer_file = data["tokenizer"]["file"]
         self.tokenizer_kind = data["tokenizer"].get("kind", "sentencepiece")
         self.add_bos = bool(data["tokenizer"].get("add_bos", False))
@@ -309,6 +344,16 @@ class Manifest(Mapping):
     @property
     def step_output_width(self):
         return self.vocab_size if self.kind == "ar" else self.hidden_size
+
+    @property
+    def decoder_head_rows_independent(self):
+        """Whether the decoder head's token id for a row depends on that row alone (split packages).
+
+        True unless the head was quantized with activations scaled over a whole call
+        (ROW_DEPENDENT_MODES); only then may a runtime send it a subset of the positions.
+        """
+        return (self.decoder_layout == "split"
+                and self.graph_modes.get("decoder_head", "fp32") not in ROW_DEPENDENT_MODES)
 
     def specs(self):
         """{graph name: spec} of this package's graphs (see `graph_specs`)."""
@@ -516,15 +561,22 @@ def _check_schema(data, path):
         )
     kind = data.get("kind")
     graphs = data.get("graphs")
-    if kind not in KINDS or not isinstance(graphs, dict) or set(graphs) != set(GRAPHS[kind]):
+    model = data.get("model")
+    layout = model.get("decoder_layout", "whole") if isinstance(model, dict) else "whole"
+    expected = SPLIT_GRAPHS if kind == "calm" and layout == "split" else GRAPHS.get(kind, ())
+    if kind not in KINDS or not isinstance(graphs, dict) or set(graphs) != set(expected):
         listed = sorted(graphs) if isinstance(graphs, dict) else graphs
         raise CalmEdgeError(f"{path} lists graphs {listed} for kind {kind!r}; export the package again")
 
-    model = data.get("model")
     if not isinstance(model, dict):
         fail("model", "is missing or not an object")
+    if layout not in DECODER_LAYOUTS or (layout == "split" and kind != "calm"):
+        fail("model.decoder_layout", f"is {layout!r}, not one of {', '.join(DECODER_LAYOUTS)} (split: CALM only)")
+    if layout == "split" and version < 3:
+        fail("format_version", f"is {version}, but a split decoder (model.decoder_layout) needs version 3")
     positive = ["chunk_size", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                "max_context"] + (["latent_size", "noise_size"] if kind == "calm" else [])
+                "max_context"] + (["latent_size", "noise_size"] if kind == "calm" else []) + (
+                   ["decoder_hidden_size"] if layout == "split" else [])
     for key in positive:
         if not _is_int(model.get(key)) or model[key] < 1:
             fail(f"model.{key}", f"is {model.get(key)!r}, not a positive whole number")

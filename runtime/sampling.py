@@ -79,6 +79,77 @@ def batch_choice(chunks, n, u):
     return weights[-1][0]  # u is < 1, so this is only reached through rounding
 
 
+def lazy_batch_choice(count, chunk_size, n, u):
+    """The batch approximation's choice among `count` candidates, decoding only the tokens it needs.
+
+    `batch_choice` depends on which candidates' chunks are equal, not on the chunks themselves,
+    and it returns one chunk. Both can mostly be settled from the candidates' first tokens: two
+    candidates whose first tokens differ have different chunks. So this asks for the tokens in at
+    most three rounds, and the decoder's head (its vocabulary projection, most of a decoder's
+    arithmetic) runs only on them:
+
+      0. every candidate's first token, and the rest of the chunk `batch_choice` would pick if
+         all chunks differed (its pick when they do: then one round is all a step costs);
+      1. if some candidates still agree on every token known so far, the remaining tokens of
+         each of them, and of the pick that treats each such group as one chunk;
+      2. if the chunk finally picked is not complete yet, its remaining tokens.
+
+    Candidates are sorted into groups known to agree on their first `depth` tokens; a group is
+    split by its next token once all its members have it. At the end, two candidates share a
+    group exactly when their chunks are equal, so `batch_choice` over the group labels returns
+    the index it returns over the chunks, and the chunk returned is the one plain decoding would
+    return: the same tokens, for the same uniform `u`, with no randomness of its own.
+
+    A generator: it yields a list of (candidate, position) pairs, takes their token ids (a list
+    in the same order) through `send`, and returns the chosen chunk as a tuple.
+    """
+    K = chunk_size
+    tokens = [[None] * K for _ in range(count)]
+    groups = [(0, list(range(count)))]  # (depth, members): the members agree on positions < depth
+
+    def missing(candidates, start=0):
+        wanted = []
+        for j in candidates:
+            wanted += [(j, p) for p in range(start, K) if tokens[j][p] is None and (j, p) not in wanted]
+        return wanted
+
+    def split_groups():
+        settled, pending = [], list(groups)
+        while pending:
+            depth, members = pending.pop(0)
+            if len(members) == 1 or depth == K or any(tokens[j][depth] is None for j in members):
+                settled.append((depth, members))
+                continue
+            by_token = {}
+            for j in members:
+                by_token.setdefault(tokens[j][depth], []).append(j)
+            pending[:0] = [(depth + 1, part) for part in by_token.values()]
+        return settled
+
+    def pick():
+        label = {j: g for g, (_, members) in enumerate(groups) for j in members}
+        return batch_choice([label[j] for j in range(count)], n, u)
+
+    def unsettled():
+        return [(depth, members) for depth, members in groups if len(members) > 1 and depth < K]
+
+    requests = [(j, 0) for j in range(count)]
+    requests += [r for r in missing([batch_choice(list(range(count)), n, u)], 1) if r not in requests]
+    while requests:
+        received = yield requests
+        for (j, p), token in zip(requests, received):
+            tokens[j][p] = int(token)
+        groups = split_groups()
+        if unsettled():
+            requests = []
+            for depth, members in unsettled():
+                requests += [r for r in missing(members, depth) if r not in requests]
+            requests += [r for r in missing([pick()]) if r not in requests]
+        else:
+            requests = missing([pick()])
+    return tuple(tokens[pick()])
+
+
 class TemperatureSampler:
     """Picks one chunk per step at temperature T = 1/n from a black-box chunk sampler."""
 

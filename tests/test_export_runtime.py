@@ -17,15 +17,19 @@ from calm_edge.training.language_models import load_language_model
 def test_packages_hold_the_graphs_and_a_complete_manifest(packages):
     calm = json.loads((packages["calm"] / "manifest.json").read_text())
     assert sorted(p.name for p in packages["calm"].iterdir()) == [
-        "backbone.onnx", "decoder.onnx", "energy_head.onnx", "manifest.json", "tokenizer.model"]
+        "backbone.onnx", "decoder.onnx", "decoder_head.onnx", "energy_head.onnx", "manifest.json", "tokenizer.model"]
     assert sorted(p.name for p in packages["ar"].iterdir()) == ["ar.onnx", "manifest.json", "tokenizer.model"]
-    assert calm["format_version"] == package.FORMAT_VERSION and calm["kind"] == "calm"
+    assert calm["format_version"] == 3 and calm["kind"] == "calm"  # the split decoder is version 3's
+    assert json.loads((packages["ar"] / "manifest.json").read_text())["format_version"] == package.FORMAT_VERSION
     assert calm["model"]["chunk_size"] == 4 and calm["model"]["special_ids"]["eos"] == 2
     backbone = calm["graphs"]["backbone"]
     assert [i["name"] for i in backbone["inputs"][:4]] == ["input_ids", "attention_mask", "position_ids",
                                                           "past_key_values.0.key"]
     assert backbone["outputs"][0]["name"] == "hidden" and len(backbone["sha256"]) == 64
-    assert calm["graphs"]["decoder"]["outputs"] == [{"name": "token_ids", "dtype": "int64", "shape": ["rows", 4]}]
+    assert calm["model"]["decoder_layout"] == "split" and calm["model"]["decoder_hidden_size"] == 64
+    assert calm["graphs"]["decoder"]["outputs"] == [{"name": "decoder_states", "dtype": "float32",
+                                                     "shape": ["rows", 4, 64]}]
+    assert calm["graphs"]["decoder_head"]["outputs"] == [{"name": "token_ids", "dtype": "int64", "shape": ["tokens"]}]
     assert calm["provenance"]["step"] == 300 and "parameters" in calm["provenance"]
     assert calm["quantization"]["mode"] == "fp32"
 

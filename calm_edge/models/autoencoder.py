@@ -124,14 +124,22 @@ class Autoencoder(nn.Module):
         mean, logstd = self.to_latent(self.encoder_norm(x)).chunk(2, dim=-1)
         return mean.reshape(*lead, self.latent_size), logstd.reshape(*lead, self.latent_size)
 
-    def decode(self, latent):
-        """Latents [..., latent_size] -> logits [..., K, vocab_size]."""
+    def decode_states(self, latent):
+        """Latents [..., latent_size] -> the decoder's last states [..., K, H], before the vocabulary."""
         x = self.from_latent(latent)
         x = self.decoder_chunk_layers(x)
         x = self.expand(x)  # [..., K*H]
         x = x.reshape(*x.shape[:-1], self.chunk_size, -1)  # [..., K, H]
         x = self.decoder_token_layers(x)
-        return self.decoder_norm(x) @ self.embed.weight.t()  # tied output matrix
+        return self.decoder_norm(x)
+
+    def logits_from_states(self, states):
+        """Decoder states [..., H] -> logits [..., vocab_size], through the tied embedding matrix."""
+        return states @ self.embed.weight.t()
+
+    def decode(self, latent):
+        """Latents [..., latent_size] -> logits [..., K, vocab_size]."""
+        return self.logits_from_states(self.decode_states(latent))
 
     def decode_tokens(self, latent):
         """Latents [..., latent_size] -> token ids [..., K] (the argmax of `decode`)."""
