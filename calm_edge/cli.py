@@ -676,6 +676,29 @@ def export_command(ctx, calm_dir, ar_dir, out, force, seed, out_format, optimize
     click.echo(f"exported {manifest.kind} package -> {out} ({sizes}); largest graph difference {worst:.2e}, {same}")
 
 
+@main.command("upgrade")
+@click.option("--package", "package_dir", required=True, type=click.Path(), help="A CALM package with a whole decoder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Package folder to write.")
+@click.option("--force", is_flag=True, help="Replace an existing package (only once the new one validated).")
+@click.pass_context
+def upgrade_command(ctx, package_dir, out, force):
+    """Rewrite a CALM package's decoder as a split one (format 3), the layout lazy decoding needs.
+
+    The graphs keep their weights and operators (quantized ones too); the new package must decode
+    and generate exactly the tokens of the old one before it is written.
+
+    Example: calm-edge upgrade --package models/calm-small-int4 --out packages/calm-small-int4-split
+    """
+    from calm_edge.export.split_decoder import upgrade_package
+
+    manifest = upgrade_package(package_dir, out, force=force)
+    checks = manifest.validation["upgrade"]["identical_to_source"]
+    click.echo(f"upgraded {package_dir} -> {out} (format {manifest.format_version}, split decoder: "
+               f"decoder {manifest.graphs['decoder'].bytes / 1e6:.1f} MB + head "
+               f"{manifest.graphs['decoder_head'].bytes / 1e6:.1f} MB); tokens identical to the original "
+               f"({', '.join(checks)})")
+
+
 # ----- quantization ---------------------------------------------------------------------------
 
 

@@ -81,7 +81,8 @@ def collect_feeds(model, windows, prefill_chunks, seed=0):
 
 
 def _collect_head_and_decoder_feeds(model, hidden_states, feeds, seed):
-    """Energy-head feeds from the backbone's hidden states; decoder feeds from the head's latents."""
+    """Energy-head feeds from the backbone's hidden states; decoder feeds from the head's latents (and a
+    split decoder's head feeds from the decoder's states)."""
     noise_size = model.noise_size
     for stream, hidden in enumerate(hidden_states):
         count = len(hidden) * ENERGY_SAMPLES * noise_size
@@ -90,6 +91,9 @@ def _collect_head_and_decoder_feeds(model, hidden_states, feeds, seed):
         feeds["energy_head"].append(feed)
         latents = model.sessions["energy_head"].run(None, feed)[0]
         feeds["decoder"].append({"latents": latents.reshape(-1, latents.shape[-1])})
+        if "decoder_head" in feeds:  # a split decoder: its head takes the decoder's states
+            states = model.decoder_states(latents.reshape(-1, latents.shape[-1]))
+            feeds["decoder_head"].append({"decoder_states": states.reshape(-1, states.shape[-1])})
 
 
 class FeedReader(CalibrationDataReader):
