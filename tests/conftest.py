@@ -103,6 +103,17 @@ def packages(trained_runs, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def whole_packages(trained_runs, tmp_path_factory):
+    """The tiny CALM run exported with format 1/2's whole decoder (`packages` holds it split): {"calm"}."""
+    from calm_edge.export.exporter import export_package
+
+    root = tmp_path_factory.mktemp("whole-packages")
+    export_package(trained_runs["calm"], root / "calm", progress=False, e2e_prompts=1, e2e_tokens=8,
+                   decoder_layout="whole")
+    return {"root": root, "calm": root / "calm"}
+
+
+@pytest.fixture(scope="session")
 def fused_packages(trained_runs, tmp_path_factory):
     """The same runs exported with `--fused-attention` (GroupQueryAttention and RotaryEmbedding nodes)."""
     from calm_edge.export.exporter import export_package

@@ -1,7 +1,8 @@
 """The C++ Engine (runtime/cpp/src/engine.cpp) against the Python one (runtime/engine.py): the schedule
 of tests/test_engine.py (mixed arrivals, T = 1 and 1/2, a cancellation while running, a request
 queued behind a full batch, one cancelled the step it arrives) gives the same outputs step for step,
-every request the tokens it gets alone, and bad arguments the same refusals.
+every request the tokens it gets alone, and bad arguments the same refusals. CALM runs in both decoder
+layouts (test_cpp_runtime.KINDS): split, whose T = 1/2 requests decode lazily, and whole.
 
 runtime/cpp/tests/engine_schedule.cpp drives the C++ Engine as `python_lines` drives the Python one.
 """
@@ -15,6 +16,7 @@ from calm_edge.runtime.engine import Engine
 from calm_edge.runtime.generator import generate_tokens
 from calm_edge.runtime.model import Model
 
+from test_cpp_runtime import KINDS, package_of
 from test_engine import PROMPTS, REQUESTS, _params
 
 MAX_BATCH = 3
@@ -89,16 +91,16 @@ def check_schedule(build, package, requests, max_batch, batching):
     return tokens, reasons, first
 
 
-@pytest.mark.parametrize("kind", ["calm", "ar"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("batching", ["continuous", "static"])
-def test_the_cpp_engine_steps_as_the_python_engine_does(cpp_build, packages, kind, batching):
-    tokens, reasons, first = check_schedule(cpp_build, packages[kind], REQUESTS, MAX_BATCH, batching)
+def test_the_cpp_engine_steps_as_the_python_engine_does(cpp_build, request, kind, batching):
+    tokens, reasons, first = check_schedule(cpp_build, package_of(request, kind), REQUESTS, MAX_BATCH, batching)
     assert all(reasons[i] == "max_new_tokens" for i, r in enumerate(REQUESTS) if r[5] is None)
     # The schedule covers what its table says: request 5 is cancelled before it runs, request 4 waits
     # for a row (the batch of 3 is full when it arrives at step 3), and with CALM's continuous batching
     # request 3 is cancelled while it runs (elsewhere rows free up later, and it is still queued).
     assert not tokens[5] and first[4] > 3
-    assert bool(tokens[3]) == (kind == "calm" and batching == "continuous")
+    assert bool(tokens[3]) == (kind.startswith("calm") and batching == "continuous")
 
 
 @pytest.mark.parametrize("batching", ["continuous", "static"])

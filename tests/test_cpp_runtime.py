@@ -2,12 +2,17 @@
 tokens for the same package, prompt, seed and temperature, and a message and non-zero exit for
 every error a user can cause.
 
+CALM packages are tested in both decoder layouts: "calm" is the `packages` fixture's split decoder
+(format 3; at T = 1/2 the batch approximation decodes lazily, runtime/sampling.py lazy_batch_choice),
+"calm-whole" the same model with format 1/2's whole decoder.
+
 The library and calm-edge-generate are built with runtime/cpp/build.sh (CI runs it first, so here
 it only checks that the build is up to date). The tests skip only when a build prerequisite is
 missing and cannot be installed (no C++ compiler or cmake, and not root).
 """
 import itertools
 import json
+import random
 import shutil
 import subprocess
 
@@ -15,9 +20,11 @@ import pytest
 
 from calm_edge.runtime.generator import Generator, GeneratorParams, generate_tokens
 from calm_edge.runtime.model import Model
+from calm_edge.runtime.sampling import lazy_batch_choice
 from calm_edge.runtime.text_generation import generate, stream
 
 from conftest import BUILD_DIR, REPO
+from test_lazy_decoding import random_chunks
 
 PROGRAM = BUILD_DIR / "cmake" / "calm-edge-generate"
 PROMPTS = ("In the beginning", "And he said unto them,", "The")
@@ -26,6 +33,17 @@ TIMEOUT = 120
 
 def run_program(*args):
     return subprocess.run([str(PROGRAM), *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT)
+
+
+KINDS = ["calm", "calm-whole", "ar"]
+
+
+def package_of(request, kind):
+    """The package folder of a kind in KINDS, checked to have the decoder layout it stands for."""
+    folder = request.getfixturevalue("whole_packages" if kind == "calm-whole" else "packages")[kind.split("-")[0]]
+    layout = Model(folder).manifest.decoder_layout
+    assert layout == {"calm": "split", "calm-whole": "whole", "ar": "whole"}[kind], (kind, layout)
+    return folder
 
 
 def cpp_token_ids(package, prompt, temperature, method="batch"):
@@ -44,15 +62,67 @@ def test_golden_random_vector(cpp_build):
     assert f"{count} of {count} golden values match" in done.stdout
 
 
-@pytest.mark.parametrize("kind", ["calm", "ar"])
+def test_the_lazy_choice_self_test(cpp_build):
+    done = subprocess.run([str(cpp_build / "lazy_choice")], capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0 and "lazy choices match" in done.stdout, done.stdout + done.stderr
+
+
+def python_rounds(chunks, n, u):
+    """(rounds of (candidate, position) requests, chosen chunk) of runtime/sampling.py's lazy choice."""
+    choice = lazy_batch_choice(len(chunks), len(chunks[0]), n, u)
+    requests, rounds = next(choice), []
+    while True:
+        rounds.append([list(r) for r in requests])
+        try:
+            requests = choice.send([chunks[j][p] for j, p in requests])
+        except StopIteration as finished:
+            return rounds, list(finished.value)
+
+
+def test_the_cpp_lazy_choice_asks_what_the_python_one_asks(cpp_build):
+    """Round for round the same requests in the same order, so a step makes the same head calls."""
+    rng = random.Random(17)
+    cases = []
+    for _ in range(1500):
+        n = rng.choice([2, 3, 4])
+        chunks = random_chunks(rng, max(n, rng.choice([4, 16, 33])), rng.choice([1, 2, 4]), rng.choice([2, 3, 50]))
+        cases.append({"chunks": chunks, "n": n, "u": rng.randrange(1 << 24) / (1 << 24)})  # float32-exact
+    lines = "".join(json.dumps(case) + "\n" for case in cases)
+    done = subprocess.run([str(cpp_build / "lazy_choice"), "--trace"], input=lines, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    traced = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(traced) == len(cases)
+    for case, cpp in zip(cases, traced):
+        rounds, chosen = python_rounds(case["chunks"], case["n"], case["u"])
+        assert cpp == {"rounds": rounds, "chosen": chosen}, case
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_cpp_prints_the_tokens_of_the_python_runtime(cpp_build, packages, kind, temperature):
-    model = Model(packages[kind], threads=1)
+def test_cpp_prints_the_tokens_of_the_python_runtime(cpp_build, request, kind, temperature):
+    package = package_of(request, kind)
+    model = Model(package, threads=1)
     params = GeneratorParams(max_new_tokens=64, temperature=temperature, seed=11, stop_at_eos=False)
     for prompt in PROMPTS:
         expected = generate_tokens(model, [model.tokenizer.encode(prompt)], params)[0]
         assert len(expected) == 64
-        assert cpp_token_ids(packages[kind], prompt, temperature) == expected, prompt
+        assert cpp_token_ids(package, prompt, temperature) == expected, prompt
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8-dynamic"])
+def test_cpp_decodes_a_quantized_split_package_as_python_does(cpp_build, packages, tmp_path, mode):
+    """int4's head (MatMulNBits) is sent any rows, a lone one twice; int8-dynamic's scales its activations
+    over the whole call, so it is never sent a subset: both runtimes follow the same rule."""
+    from calm_edge.export.quantize import quantize_package
+
+    manifest = quantize_package(packages["calm"], tmp_path / mode, mode, progress=False)
+    assert manifest.decoder_head_rows_independent == (mode == "int4")
+    model = Model(tmp_path / mode, threads=1)
+    params = GeneratorParams(max_new_tokens=64, temperature=0.5, seed=11, stop_at_eos=False)
+    for prompt in PROMPTS:
+        expected = generate_tokens(model, [model.tokenizer.encode(prompt)], params)[0]
+        assert cpp_token_ids(tmp_path / mode, prompt, 0.5) == expected, prompt
 
 
 @pytest.mark.parametrize("kind", ["calm", "ar"])
@@ -71,25 +141,28 @@ def test_cpp_exact_sampler_matches_python(cpp_build, packages):
     assert cpp_token_ids(packages["calm"], PROMPTS[1], 0.5, method="exact") == expected
 
 
-@pytest.mark.parametrize("kind", ["calm", "ar"])
-def test_a_cpp_batch_matches_a_python_batch(cpp_build, packages, kind):
-    """Prompts of different lengths in one left-padded batch, eos stopping rows at different steps."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_cpp_batch_matches_a_python_batch(cpp_build, request, kind):
+    """Prompts of different lengths in one left-padded batch, eos stopping rows at different steps
+    (split: every row's lazy requests of a round in one head call)."""
     prompts = ["In the beginning", "And the LORD spake unto Moses, saying, Speak", "Behold"]
-    model = Model(packages[kind], threads=1)
+    package = package_of(request, kind)
+    model = Model(package, threads=1)
     params = GeneratorParams(max_new_tokens=40, temperature=0.5, seed=5)
     expected = generate_tokens(model, [model.tokenizer.encode(p) for p in prompts], params)
-    done = subprocess.run([str(cpp_build / "batch_token_ids"), str(packages[kind]), "5", "0.5", "batch", "40", "1",
+    done = subprocess.run([str(cpp_build / "batch_token_ids"), str(package), "5", "0.5", "batch", "40", "1",
                            *prompts], capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
     assert [[int(t) for t in line.split()] for line in done.stdout.split("\n")[:-1]] == expected
 
 
-@pytest.mark.parametrize("kind", ["calm", "ar"])
-def test_the_cpp_generator_steps_as_the_python_generator_does(cpp_build, packages, kind):
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_cpp_generator_steps_as_the_python_generator_does(cpp_build, request, kind):
     """The step-level API in both languages: the same tokens each step, a row the caller stops,
     rows stopping at eos, and the same stop reasons."""
     prompts = ["In the beginning", "And the LORD spake unto Moses, saying, Speak", "Behold"]
-    model = Model(packages[kind], threads=1)
+    package = package_of(request, kind)
+    model = Model(package, threads=1)
     generator = Generator(model, [model.tokenizer.encode(p) for p in prompts],
                           GeneratorParams(max_new_tokens=24, temperature=0.5, seed=9))
     lines = []
@@ -101,7 +174,7 @@ def test_the_cpp_generator_steps_as_the_python_generator_does(cpp_build, package
         if step == 2 and not generator.done:
             generator.stop(1)
     lines.append("reasons: " + " ".join(generator.stop_reasons))
-    done = subprocess.run([str(cpp_build / "generator_steps"), str(packages[kind]), "9", "0.5", "24", "1", "1", "2",
+    done = subprocess.run([str(cpp_build / "generator_steps"), str(package), "9", "0.5", "24", "1", "1", "2",
                            *prompts], capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == lines

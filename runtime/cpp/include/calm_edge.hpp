@@ -105,11 +105,17 @@ class Model {
   // The CALM graphs one call at a time, for evaluation (teacher forcing), as the Python Model has them:
   // every chunk's hidden state [S, hidden] of one sequence from an empty cache; the energy head
   // (hidden [rows, hidden], noise [rows, samples, noise_size] in [0, 1) -> latents [rows, samples, latent]);
-  // the decoder (latents [rows, latent] -> token ids [rows, K]).
+  // the decoder (latents [rows, latent] -> token ids [rows, K], whatever its layout).
   std::vector<float> hidden_states(const TokenIds& ids) const;
   std::vector<float> sample_latents(const std::vector<float>& hidden, size_t rows, const std::vector<float>& noise,
                                     size_t samples) const;
   TokenIds decode(const std::vector<float>& latents, size_t rows) const;
+  // A split decoder (package format 3; decoder_layout() "split") in its two graphs: the decoder's last
+  // states [rows, K, decoder_hidden] of latents [rows, latent], and the head's token ids [rows] of any
+  // rows of those states [rows, decoder_hidden]. Both throw Error for a "whole" decoder.
+  const std::string& decoder_layout() const;
+  std::vector<float> decoder_states(const std::vector<float>& latents, size_t rows) const;
+  TokenIds head_tokens(const std::vector<float>& states, size_t rows) const;
 
   struct Impl;  // defined inside the library
   const Impl& impl() const { return *impl_; }

@@ -56,6 +56,45 @@ void check_prompts(const std::vector<TokenIds>& prompts, int chunk_size, int max
   }
 }
 
+namespace {
+
+// runtime/generator.py's choose_lazily: each row's batch-approximation chunk from its candidates' latents
+// [rows, count, latent]. The decoder runs once on every candidate, its head only on the positions that
+// each row's LazyBatchChoice asks for, every row's requests of a round in one call (row by row, in request
+// order: at most three head calls a step). The choice uniforms are drawn first, in row order; decoding
+// draws nothing, so each stream gives the values it gives plain decoding.
+std::vector<Chunk> choose_lazily(const Model::Impl& model, int n, const std::vector<float>& latents, size_t count,
+                                 const std::vector<RandomStream*>& rngs) {
+  const size_t K = model.manifest.chunk_size, width = model.manifest.decoder_hidden_size, rows = rngs.size();
+  const std::vector<float> states = model.decoder_states(latents, rows * count);  // [(row, candidate, position), width]
+  std::vector<LazyBatchChoice> choices;
+  for (RandomStream* rng : rngs) choices.emplace_back(count, K, n, rng->draw_one());
+  for (;;) {
+    std::vector<float> wanted;
+    size_t sent = 0;
+    for (size_t row = 0; row < rows; ++row)
+      for (const LazyBatchChoice::Position& at : choices[row].requests()) {
+        const size_t state = (row * count + at.candidate) * K + at.position;
+        wanted.insert(wanted.end(), states.begin() + state * width, states.begin() + (state + 1) * width);
+        ++sent;
+      }
+    if (sent == 0) break;
+    const TokenIds token_ids = model.head_tokens(wanted, sent);
+    auto next = token_ids.begin();
+    for (LazyBatchChoice& choice : choices) {
+      if (choice.done()) continue;
+      const auto asked = static_cast<std::ptrdiff_t>(choice.requests().size());
+      choice.receive(TokenIds(next, next + asked));
+      next += asked;
+    }
+  }
+  std::vector<Chunk> chosen;
+  for (const LazyBatchChoice& choice : choices) chosen.push_back(choice.chosen());
+  return chosen;
+}
+
+}  // namespace
+
 std::vector<Chunk> sample_chunks(const Model::Impl& model, const TemperatureSampler& sampler,
                                  const std::vector<float>& hidden, const std::vector<RandomStream*>& rngs,
                                  const std::vector<bool>& done) {
@@ -85,6 +124,13 @@ std::vector<Chunk> sample_chunks(const Model::Impl& model, const TemperatureSamp
       noise.insert(noise.end(), row_noise.begin(), row_noise.end());
     }
     const std::vector<float> latents = model.sample_latents(active_hidden, active.size(), noise, count);
+    if (sampler.n() > 1 && m.decoder_head_rows_independent) {
+      std::vector<RandomStream*> active_rngs;
+      for (size_t row : active) active_rngs.push_back(rngs[row]);
+      const std::vector<Chunk> chosen = choose_lazily(model, sampler.n(), latents, count, active_rngs);
+      for (size_t a = 0; a < active.size(); ++a) chunks[active[a]] = chosen[a];
+      return chunks;
+    }
     const TokenIds drawn = model.decode(latents, active.size() * count);
     for (size_t a = 0; a < active.size(); ++a)
       chunks[active[a]] = sampler.choose(split(drawn, a * count, count), *rngs[active[a]]);

@@ -33,7 +33,9 @@ void check_params(const GeneratorParams& params);
 void check_prompts(const std::vector<TokenIds>& prompts, int chunk_size, int max_context);
 
 // One chunk per row (a pad chunk for finished rows), row r drawing from *rngs[r]. `hidden` is
-// [rows, hidden]. Pointers, so that the Engine's requests keep their own streams.
+// [rows, hidden]. Pointers, so that the Engine's requests keep their own streams. The batch approximation
+// on a split decoder whose head is row-independent decodes lazily (LazyBatchChoice): the same chunks, with
+// the vocabulary projection run on the tokens the choice needs only.
 std::vector<Chunk> sample_chunks(const Model::Impl& model, const TemperatureSampler& sampler,
                                  const std::vector<float>& hidden, const std::vector<RandomStream*>& rngs,
                                  const std::vector<bool>& done);

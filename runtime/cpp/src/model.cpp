@@ -109,6 +109,13 @@ std::pair<std::vector<GraphValue>, std::vector<GraphValue>> session_signature(co
   return {inputs, outputs};
 }
 
+// decoder_states and head_tokens call the graphs of a split decoder, which a whole one does not have.
+void require_split(const PackageManifest& manifest, const char* what) {
+  if (manifest.decoder_layout != "split")
+    throw Error(what + std::string(" needs a split decoder (package format 3), but ") + manifest.path +
+                " describes a whole one; use decode, or export the package again with --decoder-layout split");
+}
+
 }  // namespace
 
 Model::Impl::Impl(const std::string& package_dir, const ModelOptions& options)
@@ -149,6 +156,8 @@ std::vector<float> Model::Impl::sample_latents(const std::vector<float>& hidden,
 }
 
 TokenIds Model::Impl::decode(const std::vector<float>& latents, size_t rows) const {
+  // Split: the head on every position of every row; its [rows * K] ids are the whole decoder's [rows, K].
+  if (manifest.decoder_layout == "split") return head_tokens(decoder_states(latents, rows), rows * manifest.chunk_size);
   const int64_t shape[] = {static_cast<int64_t>(rows), manifest.latent_size};
   Ort::Value input =
       Ort::Value::CreateTensor<float>(cpu_memory, const_cast<float*>(latents.data()), latents.size(), shape, 2);
@@ -157,6 +166,41 @@ TokenIds Model::Impl::decode(const std::vector<float>& latents, size_t rows) con
   auto outputs = sessions.at("decoder").Run(Ort::RunOptions{nullptr}, input_names, &input, 1, output_names, 1);
   const int64_t* ids = outputs[0].GetTensorData<int64_t>();
   return TokenIds(ids, ids + rows * manifest.chunk_size);
+}
+
+std::vector<float> Model::Impl::decoder_states(const std::vector<float>& latents, size_t rows) const {
+  require_split(manifest, "decoder_states");
+  const int64_t shape[] = {static_cast<int64_t>(rows), manifest.latent_size};
+  Ort::Value input =
+      Ort::Value::CreateTensor<float>(cpu_memory, const_cast<float*>(latents.data()), latents.size(), shape, 2);
+  const char* input_names[] = {"latents"};
+  const char* output_names[] = {"decoder_states"};
+  auto outputs = sessions.at("decoder").Run(Ort::RunOptions{nullptr}, input_names, &input, 1, output_names, 1);
+  const float* states = outputs[0].GetTensorData<float>();
+  return std::vector<float>(states, states + rows * manifest.chunk_size * manifest.decoder_hidden_size);
+}
+
+TokenIds Model::Impl::head_tokens(const std::vector<float>& states, size_t rows) const {
+  require_split(manifest, "head_tokens");
+  const size_t width = manifest.decoder_hidden_size;
+  // A lone row goes in twice: ONNX Runtime computes a one-row product with another kernel, whose
+  // rounding can differ in the last bit (int4's MatMulNBits does), and a token must not depend on how
+  // many rows travelled with it (runtime/model.py head_tokens does the same).
+  std::vector<float> twice;
+  if (rows == 1) {
+    twice.assign(states.begin(), states.begin() + width);
+    twice.insert(twice.end(), states.begin(), states.begin() + width);
+  }
+  const std::vector<float>& sent = rows == 1 ? twice : states;
+  const size_t sent_rows = rows == 1 ? 2 : rows;
+  const int64_t shape[] = {static_cast<int64_t>(sent_rows), static_cast<int64_t>(width)};
+  Ort::Value input = Ort::Value::CreateTensor<float>(cpu_memory, const_cast<float*>(sent.data()),
+                                                     sent_rows * width, shape, 2);
+  const char* input_names[] = {"decoder_states"};
+  const char* output_names[] = {"token_ids"};
+  auto outputs = sessions.at("decoder_head").Run(Ort::RunOptions{nullptr}, input_names, &input, 1, output_names, 1);
+  const int64_t* ids = outputs[0].GetTensorData<int64_t>();
+  return TokenIds(ids, ids + rows);
 }
 
 Model::Model(const std::string& package_dir, const ModelOptions& options)
@@ -200,6 +244,13 @@ std::vector<float> Model::sample_latents(const std::vector<float>& hidden, size_
   return impl_->sample_latents(hidden, rows, noise, samples);
 }
 TokenIds Model::decode(const std::vector<float>& latents, size_t rows) const { return impl_->decode(latents, rows); }
+std::vector<float> Model::decoder_states(const std::vector<float>& latents, size_t rows) const {
+  return impl_->decoder_states(latents, rows);
+}
+TokenIds Model::head_tokens(const std::vector<float>& states, size_t rows) const {
+  return impl_->head_tokens(states, rows);
+}
+const std::string& Model::decoder_layout() const { return impl_->manifest.decoder_layout; }
 const Tokenizer& Model::tokenizer() const { return impl_->tokenizer; }
 
 }  // namespace calm_edge

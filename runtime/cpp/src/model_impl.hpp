@@ -19,8 +19,12 @@ struct Model::Impl {
   // The energy head: hidden [rows, hidden], noise [rows, samples, noise_size] -> latents [rows, samples, latent].
   std::vector<float> sample_latents(const std::vector<float>& hidden, size_t rows,
                                     const std::vector<float>& noise, size_t samples) const;
-  // The decoder: latents [rows, latent] -> token ids [rows, K].
+  // The decoder, whatever its layout: latents [rows, latent] -> token ids [rows, K].
   TokenIds decode(const std::vector<float>& latents, size_t rows) const;
+  // A split decoder's two graphs (runtime/model.py decoder_states, head_tokens): latents [rows, latent] ->
+  // the decoder's last states [rows, K, decoder_hidden]; states [rows, decoder_hidden] -> token ids [rows].
+  std::vector<float> decoder_states(const std::vector<float>& latents, size_t rows) const;
+  TokenIds head_tokens(const std::vector<float>& states, size_t rows) const;
   // The backbone over one sequence from an empty cache: every chunk's hidden state [S, hidden].
   std::vector<float> hidden_states(const TokenIds& ids) const;
 

@@ -1,7 +1,7 @@
-// Reads manifest.json with the same checks, in the same order and with the same messages as
-// runtime/package.py's Manifest.read (_check_schema, _check_file_entry, _check_confined, _check_files),
-// so a broken or hostile package reads the same in Python and C++: one Error naming the manifest, the key
-// and the fix. Values in messages are shown as Python's repr shows them (True, None, '1').
+// Reads manifest.json (format versions 1 to 3) with the same checks, in the same order and with the
+// same messages as runtime/package.py's Manifest.read (_check_schema, _check_file_entry, _check_confined,
+// _check_files), so a broken or hostile package reads the same in Python and C++: one Error naming the
+// manifest, the key and the fix. Values in messages are shown as Python's repr shows them (True, None, '1').
 #include "package.hpp"
 
 #include <nlohmann/json.hpp>
@@ -29,9 +29,16 @@ const char* kFormat = "calm-edge-package";
 const char* kManifestFile = "manifest.json";
 const std::vector<std::string> kPromptFills = {"left-eos", "right-pad"};          // calm_edge.config.PROMPT_FILLS
 const std::vector<std::string> kTokenizerKinds = {"sentencepiece", "hf-bpe"};     // calm_edge.tokenizer.FILES
+const std::vector<std::string> kDecoderLayouts = {"whole", "split"};              // package.py DECODER_LAYOUTS
+// Quantization modes that scale activations over a whole call (one scale for every row): a row's token
+// ids then depend on the rows sent with it, so the head must see every position at once (package.py
+// ROW_DEPENDENT_MODES).
+const std::vector<std::string> kRowDependentModes = {"int8-dynamic"};
 constexpr int kMaxLinkHops = 40;  // as the kernel's ELOOP limit
 
-std::vector<std::string> graphs_of_kind(const std::string& kind) {
+// The graphs a package of `kind` holds (package.py GRAPHS, SPLIT_GRAPHS for a split CALM decoder).
+std::vector<std::string> graphs_of_kind(const std::string& kind, bool split) {
+  if (kind == "calm" && split) return {"backbone", "energy_head", "decoder", "decoder_head"};
   if (kind == "calm") return {"backbone", "energy_head", "decoder"};
   if (kind == "ar") return {"ar"};
   return {};
@@ -148,12 +155,16 @@ void check_schema(const json& data, const std::string& path) {
                 "); upgrade calm-edge (pip install -U calm-edge) or export the package with this version");
   const json kind = get(data, "kind");
   const json graphs = get(data, "graphs");
+  const json model = get(data, "model");
   const std::string kind_name = kind.is_string() ? kind.get<std::string>() : "";
+  // The layout decides which graphs to expect, so it is read before the model section is checked.
+  const json layout = model.is_object() && model.contains("decoder_layout") ? model["decoder_layout"] : json("whole");
+  const bool split = layout == "split";
   std::vector<std::string> listed;
   if (graphs.is_object())
     for (const auto& item : graphs.items()) listed.push_back(item.key());
   std::sort(listed.begin(), listed.end());
-  std::vector<std::string> wanted = graphs_of_kind(kind_name);
+  std::vector<std::string> wanted = graphs_of_kind(kind_name, split);
   std::sort(wanted.begin(), wanted.end());
   if (wanted.empty() || !graphs.is_object() || listed != wanted) {
     std::vector<std::string> shown;
@@ -162,11 +173,17 @@ void check_schema(const json& data, const std::string& path) {
                 " for kind " + py_repr(kind) + "; export the package again");
   }
 
-  const json model = get(data, "model");
   if (!model.is_object()) fail(path, "model", "is missing or not an object");
+  if (!layout.is_string() || !contains(kDecoderLayouts, layout.get<std::string>()) || (split && kind_name != "calm"))
+    fail(path, "model.decoder_layout",
+         "is " + py_repr(layout) + ", not one of " + join(kDecoderLayouts) + " (split: CALM only)");
+  if (split && int_value(version) < 3)
+    fail(path, "format_version",
+         "is " + version.dump() + ", but a split decoder (model.decoder_layout) needs version 3");
   std::vector<std::string> positive = {"chunk_size", "vocab_size", "hidden_size", "num_layers",
                                        "num_heads",  "num_kv_heads", "head_dim",  "max_context"};
   if (kind_name == "calm") positive.insert(positive.end(), {"latent_size", "noise_size"});
+  if (split) positive.push_back("decoder_hidden_size");
   for (const std::string& key : positive) {
     const json value = get(model, key);
     if (!is_int(value) || int_value(value) < 1)
@@ -337,6 +354,14 @@ void check_files(const json& manifest, const fs::path& dir, const std::string& p
   }
 }
 
+// The quantization mode of graph decoder_head: quantization.graphs.decoder_head, "fp32" where the head was
+// left as exported (package.py Manifest.graph_modes); "" for a value that names no mode.
+std::string head_mode(const json& quantization) {
+  const json graphs = get(quantization, "graphs");
+  if (!graphs.is_object() || !graphs.contains("decoder_head")) return "fp32";
+  return graphs["decoder_head"].is_string() ? graphs["decoder_head"].get<std::string>() : "";
+}
+
 PackageManifest model_section(const json& manifest, const fs::path& dir, const std::string& path) {
   const json& model = manifest["model"];
   PackageManifest result;
@@ -363,6 +388,11 @@ PackageManifest model_section(const json& manifest, const fs::path& dir, const s
     result.noise_size = size("noise_size");
   }
   result.prompt_fill = model.value("prompt_fill", "left-eos");
+  result.decoder_layout = model.value("decoder_layout", "whole");
+  if (result.decoder_layout == "split") {
+    result.decoder_hidden_size = size("decoder_hidden_size");
+    result.decoder_head_rows_independent = !contains(kRowDependentModes, head_mode(manifest["quantization"]));
+  }
   result.tokenizer_file = manifest["tokenizer"]["file"];
   result.tokenizer_kind = manifest["tokenizer"].value("kind", "sentencepiece");
   for (const auto& [name, graph] : manifest["graphs"].items()) {
@@ -408,7 +438,13 @@ GraphSpec graph_spec(const PackageManifest& m, const std::string& name) {
     spec.outputs = {{"latents", "float32", {kDynamic, kDynamic, m.latent_size}}};
   } else if (name == "decoder") {
     spec.inputs = {{"latents", "float32", {kDynamic, m.latent_size}}};
-    spec.outputs = {{"token_ids", "int64", {kDynamic, m.chunk_size}}};
+    if (m.decoder_layout == "split")
+      spec.outputs = {{"decoder_states", "float32", {kDynamic, m.chunk_size, m.decoder_hidden_size}}};
+    else
+      spec.outputs = {{"token_ids", "int64", {kDynamic, m.chunk_size}}};
+  } else if (name == "decoder_head") {
+    spec.inputs = {{"decoder_states", "float32", {kDynamic, m.decoder_hidden_size}}};
+    spec.outputs = {{"token_ids", "int64", {kDynamic}}};
   }
   return spec;
 }

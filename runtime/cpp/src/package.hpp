@@ -1,4 +1,4 @@
-// The model package, format versions 1 and 2 (runtime/package.py is the reference): reading and checking
+// The model package, format versions 1 to 3 (runtime/package.py is the reference): reading and checking
 // manifest.json (its schema, key by key), the presence and sha256 of every file it lists (each inside the
 // package folder, symbolic links followed), the model's sizes, and what the opened graphs and tokenizer must
 // agree with. Every problem is one Error worded as the Python runtime words it.
@@ -11,7 +11,7 @@
 
 namespace calm_edge {
 
-constexpr int kPackageFormatVersion = 2;  // the newest version this runtime reads (package.py LATEST_VERSION)
+constexpr int kPackageFormatVersion = 3;  // the newest version this runtime reads (package.py LATEST_VERSION)
 constexpr int64_t kMaxContext = int64_t{1} << 20;    // positions a manifest may ask for (package.py MAX_CONTEXT)
 constexpr int64_t kMaxDimension = int64_t{1} << 24;  // any other size of the model section (MAX_DIMENSION)
 
@@ -33,6 +33,14 @@ struct PackageManifest {
   int latent_size = 0;  // CALM only
   int noise_size = 0;   // CALM only
   std::string prompt_fill = "left-eos";  // or "right-pad" (version 2: the released CALM models)
+  // "whole": decoder.onnx gives token ids; "split" (version 3, CALM only): decoder.onnx gives the decoder's
+  // last states [rows, K, decoder_hidden_size] and decoder_head.onnx maps any rows of them to token ids.
+  std::string decoder_layout = "whole";
+  int decoder_hidden_size = 0;  // split only
+  // Whether the head's token id for a row depends on that row alone, so that a runtime may send it only
+  // the positions a step needs (package.py Manifest.decoder_head_rows_independent): a split head not
+  // quantized with activations scaled over a whole call (package.py ROW_DEPENDENT_MODES).
+  bool decoder_head_rows_independent = false;
   std::string tokenizer_file;
   std::string tokenizer_kind = "sentencepiece";  // or "hf-bpe" (version 2)
   std::map<std::string, std::string> graph_files;  // graph name -> file name inside the package

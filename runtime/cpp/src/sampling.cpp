@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdio>
+#include <deque>
 #include <map>
 
 namespace calm_edge {
@@ -72,6 +73,89 @@ size_t batch_choice(const std::vector<Chunk>& chunks, int n, float u) {
     if (target < static_cast<double>(running)) return index;
   }
   return weights.back().first;  // u is < 1, so this is only reached through rounding
+}
+
+LazyBatchChoice::LazyBatchChoice(size_t count, size_t chunk_size, int n, float u)
+    : count_(count), K_(chunk_size), n_(n), u_(u), tokens_(count * chunk_size, 0), known_(count * chunk_size, false) {
+  std::vector<size_t> everyone(count);
+  std::vector<Chunk> distinct(count);
+  for (size_t j = 0; j < count; ++j) {
+    everyone[j] = j;
+    distinct[j] = {static_cast<int64_t>(j)};
+  }
+  groups_.push_back({0, everyone});
+  std::vector<bool> asked(count * K_, false);
+  for (size_t j = 0; j < count; ++j) {
+    requests_.push_back({j, 0});
+    asked[j * K_] = true;
+  }
+  // Round 0 also asks for the rest of the pick that all-different chunks would give: when the first
+  // tokens do differ, it is the chunk chosen, and one round is all the step costs.
+  add_missing({batch_choice(distinct, n, u)}, 1, requests_, asked);
+}
+
+void LazyBatchChoice::add_missing(const std::vector<size_t>& candidates, size_t start, std::vector<Position>& wanted,
+                                  std::vector<bool>& asked) const {
+  for (size_t j : candidates)
+    for (size_t p = start; p < K_; ++p)
+      if (!known(j, p) && !asked[j * K_ + p]) {
+        wanted.push_back({j, p});
+        asked[j * K_ + p] = true;
+      }
+}
+
+void LazyBatchChoice::receive(const TokenIds& token_ids) {
+  for (size_t r = 0; r < requests_.size(); ++r) {
+    const size_t at = requests_[r].candidate * K_ + requests_[r].position;
+    tokens_[at] = token_ids[r];
+    known_[at] = true;
+  }
+  split_groups();
+  std::vector<Position> next;
+  std::vector<bool> asked(count_ * K_, false);
+  for (const Group& group : groups_)  // the groups not settled yet: all their remaining tokens
+    if (group.members.size() > 1 && group.depth < K_) add_missing(group.members, group.depth, next, asked);
+  add_missing({pick()}, 0, next, asked);
+  requests_ = std::move(next);
+}
+
+// Each group whose members all know their token at `depth` splits by it, the parts (in order of first
+// appearance) taking its place and splitting further, until no group can: the order of Python's list.
+void LazyBatchChoice::split_groups() {
+  std::vector<Group> settled;
+  std::deque<Group> pending(groups_.begin(), groups_.end());
+  while (!pending.empty()) {
+    Group group = std::move(pending.front());
+    pending.pop_front();
+    const bool whole = group.members.size() == 1 || group.depth == K_ ||
+                       std::any_of(group.members.begin(), group.members.end(),
+                                   [&](size_t j) { return !known(j, group.depth); });
+    if (whole) {
+      settled.push_back(std::move(group));
+      continue;
+    }
+    std::vector<Group> parts;
+    std::map<int64_t, size_t> part_of;
+    for (size_t j : group.members) {
+      const auto [it, added] = part_of.emplace(tokens_[j * K_ + group.depth], parts.size());
+      if (added) parts.push_back({group.depth + 1, {}});
+      parts[it->second].members.push_back(j);
+    }
+    pending.insert(pending.begin(), parts.begin(), parts.end());
+  }
+  groups_ = std::move(settled);
+}
+
+size_t LazyBatchChoice::pick() const {
+  std::vector<Chunk> labels(count_);
+  for (size_t g = 0; g < groups_.size(); ++g)
+    for (size_t j : groups_[g].members) labels[j] = {static_cast<int64_t>(g)};
+  return batch_choice(labels, n_, u_);
+}
+
+Chunk LazyBatchChoice::chosen() const {
+  const size_t j = pick();
+  return Chunk(tokens_.begin() + j * K_, tokens_.begin() + (j + 1) * K_);
 }
 
 TemperatureSampler::TemperatureSampler(double temperature, const std::string& method, int candidates,

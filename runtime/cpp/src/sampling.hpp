@@ -10,6 +10,10 @@
 //   m <= n that some chunk reaches, and pick one with a single uniform.
 //
 // At T = 1 one chunk is drawn and no choice uniform is consumed.
+//
+// LazyBatchChoice makes the batch approximation's choice from as few decoded tokens as settle it, for a
+// split decoder whose head may be sent any positions (runtime/sampling.py lazy_batch_choice): the same
+// chunk, asked for in the same rounds with the same requests.
 #pragma once
 
 #include <functional>
@@ -27,6 +31,61 @@ int temperature_exponent(double temperature);
 
 // Index into `chunks` of the batch approximation's choice for uniform `u` in [0, 1).
 size_t batch_choice(const std::vector<Chunk>& chunks, int n, float u);
+
+// The batch approximation's choice among `count` candidates of K tokens, decoding only the tokens it needs
+// (runtime/sampling.py lazy_batch_choice, round for round and request for request). batch_choice depends
+// only on which candidates' chunks are equal, and two candidates whose first tokens differ have different
+// chunks; so the tokens are asked for in at most three rounds:
+//
+//   0. every candidate's first token, and the rest of the chunk batch_choice picks if all chunks differ;
+//   1. if some candidates still agree on every token known, the remaining tokens of each of them, and of
+//      the pick that treats each such group as one chunk;
+//   2. if the chunk finally picked is not complete yet, its remaining tokens.
+//
+// Candidates are kept in groups known to agree on their first `depth` tokens; a group is split by its
+// next token once all its members have it. At the end two candidates share a group exactly when their
+// chunks are equal, so batch_choice over group labels returns the index it returns over the chunks.
+//
+//     LazyBatchChoice choice(count, K, n, u);
+//     while (!choice.done()) choice.receive(head(choice.requests()));  // token ids in request order
+//     Chunk chunk = choice.chosen();
+class LazyBatchChoice {
+ public:
+  struct Position {
+    size_t candidate, position;
+  };
+
+  LazyBatchChoice(size_t count, size_t chunk_size, int n, float u);
+
+  bool done() const { return requests_.empty(); }
+  // The (candidate, position) pairs whose token ids the next round needs; empty when done().
+  const std::vector<Position>& requests() const { return requests_; }
+  // The token ids of requests(), in their order; then the next round's requests are set.
+  void receive(const TokenIds& token_ids);
+  // The chosen chunk, once done().
+  Chunk chosen() const;
+
+ private:
+  struct Group {
+    size_t depth;                  // the members agree on the positions before depth
+    std::vector<size_t> members;
+  };
+
+  bool known(size_t j, size_t p) const { return known_[j * K_ + p]; }
+  // Appends to `wanted` the unknown, not yet wanted positions from `start` of each candidate, in order.
+  void add_missing(const std::vector<size_t>& candidates, size_t start, std::vector<Position>& wanted,
+                   std::vector<bool>& asked) const;
+  void split_groups();
+  size_t pick() const;  // batch_choice over the groups' labels
+
+  size_t count_, K_;
+  int n_;
+  float u_;
+  std::vector<int64_t> tokens_;  // [count, K], valid where known_
+  std::vector<bool> known_;
+  std::vector<Group> groups_;
+  std::vector<Position> requests_;
+};
 
 class TemperatureSampler {
  public:
