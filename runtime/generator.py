@@ -309,7 +309,7 @@ def choose_lazily(state, sampler, latents, rngs, K):
 
     The decoder runs once on every candidate; its head then only on the positions that
     `sampling.lazy_batch_choice` asks for, every row's requests of a round in one call (at most
-    three calls a step). The choice uniforms are drawn first, in row order: decoding draws no
+    two calls a step). The choice uniforms are drawn first, in row order: decoding draws no
     randomness, so each row's stream gives the values it gives plain decoding.
     """
     rows, count = latents.shape[:2]

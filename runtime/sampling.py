@@ -85,14 +85,18 @@ def lazy_batch_choice(count, chunk_size, n, u):
     `batch_choice` depends on which candidates' chunks are equal, not on the chunks themselves,
     and it returns one chunk. Both can mostly be settled from the candidates' first tokens: two
     candidates whose first tokens differ have different chunks. So this asks for the tokens in at
-    most three rounds, and the decoder's head (its vocabulary projection, most of a decoder's
+    most two rounds, and the decoder's head (its vocabulary projection, most of a decoder's
     arithmetic) runs only on them:
 
       0. every candidate's first token, and the rest of the chunk `batch_choice` would pick if
          all chunks differed (its pick when they do: then one round is all a step costs);
       1. if some candidates still agree on every token known so far, the remaining tokens of
-         each of them, and of the pick that treats each such group as one chunk;
-      2. if the chunk finally picked is not complete yet, its remaining tokens.
+         each of them.
+
+    Two rounds always settle it. If some chunk is drawn twice or more, `batch_choice` weighs
+    only chunks drawn at least twice, and those are the groups round 1 decoded in full; if every
+    chunk differs, it picks round 0's guess. The last step below (the pick's missing tokens) is
+    therefore never needed, and kept only as the definition: the chunk returned is complete.
 
     Candidates are sorted into groups known to agree on their first `depth` tokens; a group is
     split by its next token once all its members have it. At the end, two candidates share a
@@ -144,7 +148,6 @@ def lazy_batch_choice(count, chunk_size, n, u):
             requests = []
             for depth, members in unsettled():
                 requests += [r for r in missing(members, depth) if r not in requests]
-            requests += [r for r in missing([pick()]) if r not in requests]
         else:
             requests = missing([pick()])
     return tuple(tokens[pick()])

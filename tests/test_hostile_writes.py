@@ -83,6 +83,7 @@ WRITERS = [
                                            "--speed-repeats", "1", "--out", out], "ar", force=False),
     Writer("export", lambda s, out: ["--calm", s["calm_run"], "--out", out], "calm_run"),
     Writer("quantize", lambda s, out: ["--package", s["ar"], "--mode", "int8-dynamic", "--out", out], "ar"),
+    Writer("upgrade", lambda s, out: ["--package", s["whole_calm"], "--out", out], "whole_calm"),
     Writer("bench", lambda s, out: ["--package", s["ar"], "--prompt-lengths", "4", "--new-tokens", "4",
                                     "--batch-sizes", "1", "--threads", "1", "--temperatures", "1", "--repeats", "1",
                                     "--warmup", "0", "--rounds", "1", "--out", out], "ar", force=False),
@@ -141,8 +142,12 @@ def sources(tmp_path_factory, corpus_jsonl, tokenizer_dir, ae_shards, random_pac
     config = preset("tiny").with_overrides(["tokenizer.vocab_size=512",
                                             *(f"train_autoencoder.{s}" for s in QUICK_TRAINING)])
     train_autoencoder(config, root / "shards", root / "ae", progress=False)
+    from calm_edge.export.exporter import export_package
+
+    export_package(root / "calm_run", root / "whole_calm", progress=False, e2e_prompts=1, e2e_tokens=8,
+                   decoder_layout="whole")  # what `upgrade` reads
     found = {name: str(root / name) for name in ("corpus", "tokenizer", "shards", "ae", "calm_run", "ar_run", "ar",
-                                                  "released_calm", "released_ae")}
+                                                  "released_calm", "released_ae", "whole_calm")}
     return {**found, "root": root, "text": str(root / "corpus" / "text.jsonl"), "config": str(root / "config.yaml")}
 
 

@@ -49,7 +49,7 @@ def test_lazy_choice_equals_the_batch_choice(n):
         u = rng.random()
         chosen, rounds, decoded = run_lazy(chunks, n, u)
         assert chosen == chunks[batch_choice(chunks, n, u)], (case, chunks, u)
-        assert rounds <= 3
+        assert rounds <= 2  # see lazy_batch_choice: two rounds always settle it
 
 
 def test_distinct_first_tokens_cost_one_round_and_one_chunk():

@@ -147,11 +147,12 @@ def official_package(imported, tmp_path_factory):
     return out
 
 
-def test_the_package_is_format_version_2_with_the_llama3_tokenizer(official_package):
+def test_the_package_is_format_version_3_with_the_llama3_tokenizer(official_package):
     from calm_edge.runtime.package import Manifest
 
-    manifest = Manifest.read(official_package)
-    assert manifest.format_version == 2 and manifest.tokenizer_kind == "hf-bpe" and manifest.add_bos
+    manifest = Manifest.read(official_package)  # version 2's tokenizer and prompt fill, version 3's split decoder
+    assert manifest.format_version == 3 and manifest.tokenizer_kind == "hf-bpe" and manifest.add_bos
+    assert manifest.decoder_layout == "split"
     assert manifest.prompt_fill == "right-pad" and manifest.tokenizer_file == "tokenizer.json"
     assert manifest.vocab_size == official.VOCAB and manifest.pad_id == official.PAD
     for run in manifest.validation["end_to_end"].values():
@@ -163,7 +164,7 @@ def test_each_graph_equals_the_official_computation(released, official_package):
 
     ae, calm = released["modules"]
     sessions = {name: ort.InferenceSession(str(official_package / f"{name}.onnx"), providers=["CPUExecutionProvider"])
-                for name in ("backbone", "energy_head", "decoder")}
+                for name in ("backbone", "energy_head", "decoder", "decoder_head")}
     ids = torch.randint(0, official.VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
     layers, heads = official.CALM_DIMS["num_hidden_layers"], official.CALM_DIMS["num_key_value_heads"]
     head_dim = official.CALM_DIMS["hidden_size"] // official.CALM_DIMS["num_attention_heads"]
@@ -181,7 +182,9 @@ def test_each_graph_equals_the_official_computation(released, official_package):
         expected = calm.mlp_generator.sample(torch.from_numpy(reference.reshape(12, 1, -1)).expand(-1, 5, -1),
                                              torch.from_numpy(noise) - 0.5).numpy()
     assert np.abs(latents - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
-    tokens = sessions["decoder"].run(None, {"latents": expected.reshape(60, -1)})[0]
+    states = sessions["decoder"].run(None, {"latents": expected.reshape(60, -1)})[0]
+    tokens = sessions["decoder_head"].run(None, {"decoder_states": states.reshape(-1, states.shape[-1])})[0]
+    tokens = tokens.reshape(60, -1)
     with torch.no_grad():
         assert np.array_equal(tokens, ae.decode_tokens(torch.from_numpy(expected.reshape(60, -1))).numpy())
 
@@ -262,7 +265,7 @@ def test_graphs_with_external_data_export_quantize_and_run_in_both_runtimes(impo
 
     manifest = export_package(imported, tmp_path / "ext", progress=False, external_data_bytes=1, e2e_prompts=1,
                               e2e_tokens=8)
-    assert manifest.format_version == 2
+    assert manifest.format_version == 3
     for name, graph in manifest.graphs.items():
         assert graph.external_data["file"] == f"{name}.onnx.data" and graph.external_data["bytes"] > graph.bytes
     assert sorted(p.name for p in (tmp_path / "ext").iterdir()) == sorted(

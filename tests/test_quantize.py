@@ -85,7 +85,7 @@ def test_int8_static_records_its_calibration(quantized):
     calibration = quantization["calibration"]
     assert calibration["windows"] == 4 and calibration["window_tokens"] == 64
     # Backbone: a prefill and 8 decode steps per window; head and decoder: one feed per backbone call.
-    assert calibration["feeds"] == {"backbone": 36, "energy_head": 36, "decoder": 36}
+    assert calibration["feeds"] == {"backbone": 36, "energy_head": 36, "decoder": 36, "decoder_head": 36}
     assert quantization["settings"]["backbone"]["format"] == "QDQ"
 
 
@@ -93,9 +93,11 @@ def test_keep_fp32_leaves_a_graph_as_it_was(packages, corpus_jsonl, tmp_path):
     out = tmp_path / "calm-int8-fp32-decoder"
     manifest = quantize_package(packages["calm"], out, "int8-dynamic", keep_fp32=["decoder"], progress=False)
     assert manifest["quantization"]["graphs"] == {"backbone": "int8-dynamic", "energy_head": "int8-dynamic",
-                                                  "decoder": "fp32"}
+                                                  "decoder": "fp32", "decoder_head": "int8-dynamic"}
     assert (out / "decoder.onnx").read_bytes() == (packages["calm"] / "decoder.onnx").read_bytes()
-    assert set(manifest["validation"]["graphs"]) == {"backbone", "energy_head"}
+    assert set(manifest["validation"]["graphs"]) == {"backbone", "energy_head", "decoder_head"}
+    # int8-dynamic scales the head's activations over a whole call: the runtime must not send it a subset.
+    assert not manifest.decoder_head_rows_independent
 
 
 def test_bad_requests_give_clear_errors_and_keep_the_old_package(packages, quantized, tmp_path):
