@@ -9,7 +9,9 @@ turns in each run, and writes benchmarks/results/low_temperature_<suite>.json wi
 CALM decode tokens/s at T = 1/2 against calm-edge AR's at T = 1/2 (the AR baseline samples at
 T = 1/2 for the price of T = 1), a T = 1/2 step against a T = 1 step, the per-graph split; and,
 from short untimed generations, what lazy decoding sent the decoder's head per step (calls and
-positions, against the N x K a whole decoder computes).
+positions, against the N x K a whole decoder computes); and the same package's step and decoder
+time with lazy decoding and with every position sent to the head, interleaved (the tokens must
+be equal), which is lazy decoding's own gain.
 
   paper-dims  random weights at the paper's dimensions (`base` preset, fused attention, as
               benchmarks/bench.py builds them, without the peers): CALM-M against Transformer-S at
@@ -86,6 +88,58 @@ def head_traffic(package, temperature, candidates, batch, prompts=4, new_tokens=
             "lazy": calls > 0}
 
 
+def lazy_against_plain(package, candidates, batch, threads=2, new_tokens=64, rounds=3, seed=0):
+    """Step and decoder milliseconds with lazy decoding and with every position sent to the head, interleaved.
+
+    The same split package both ways (plain: one head call over all N x K positions, what a whole
+    decoder computes), so the difference is lazy decoding's alone; the tokens must be equal.
+    """
+    import time
+
+    from calm_edge.runtime.generator import Generator, GeneratorParams
+    from calm_edge.runtime.model import Model
+    from calm_edge.runtime.step_state import StepState
+
+    model = Model(package, threads=threads)
+    if model.kind != "calm" or not model.manifest.decoder_head_rows_independent:
+        return None
+    text = [json.loads(line)["text"] for line in TEXT.open()][:batch] if TEXT.is_file() else []
+    prompts = [model.tokenizer.encode(t[:400])[:64] for t in text] or [[5, 6, 7, 8]] * batch
+    params = GeneratorParams(max_new_tokens=new_tokens, temperature=0.5, candidates=candidates, seed=seed,
+                             stop_at_eos=False)
+    lazy_property = StepState.lazy_decoding
+    figures = {"lazy": [], "plain": []}
+    tokens = {}
+    try:
+        for _ in range(rounds):
+            for way in ("lazy", "plain"):
+                StepState.lazy_decoding = lazy_property if way == "lazy" else property(lambda self: False)
+                generator = Generator(model, prompts, params)
+                generator.step()  # prefill and the first step: not a decode step
+                decoder_before, began, steps = generator.state.timings["decoder"], time.perf_counter(), 0
+                for _ in generator:
+                    steps += 1
+                figures[way].append(((time.perf_counter() - began) / steps * 1e3,
+                                     (generator.state.timings["decoder"] - decoder_before) / steps * 1e3))
+                tokens[way] = generator.tokens
+    finally:
+        StepState.lazy_decoding = lazy_property
+    if tokens["lazy"] != tokens["plain"]:
+        raise SystemExit(f"lazy and plain decoding gave different tokens on {package}: a bug, please report it")
+
+    def median(values):
+        return round(sorted(values)[len(values) // 2], 2)
+
+    result = {"package": str(package), "batch": batch, "candidates": candidates, "threads": threads,
+              "rounds": rounds, "identical_tokens": True}
+    for way, runs in figures.items():
+        result[f"{way}_step_ms"] = median([r[0] for r in runs])
+        result[f"{way}_decoder_ms"] = median([r[1] for r in runs])
+    result["step_speedup"] = round(result["plain_step_ms"] / result["lazy_step_ms"], 3)
+    result["decoder_speedup"] = round(result["plain_decoder_ms"] / result["lazy_decoder_ms"], 3)
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", choices=["paper-dims", "small"])
@@ -100,6 +154,8 @@ def main():
     parser.add_argument("--candidates", default=",".join(map(str, CANDIDATES)),
                         help="Candidates of the batch approximation, one bench run each.")
     parser.add_argument("--out", default=None, help="Report JSON (default benchmarks/results/low_temperature_<suite>.json).")
+    parser.add_argument("--reuse-bench", action="store_true",
+                        help="Take the bench runs from --work where they exist (measure only the rest).")
     args = parser.parse_args()
     work = Path(args.work or f"bench-work/{args.suite}")
     if args.suite == "paper-dims":
@@ -109,10 +165,14 @@ def main():
         packages = [split_if_whole(args.calm_package, work), Path(args.ar_package)]
         matrix = ["--batch-sizes", "4,16", "--threads", "1,2"]
     out = Path(args.out or RESULTS / f"low_temperature_{args.suite.replace('-', '_')}.json")
-    command_line = " ".join(["python", "benchmarks/low_temperature_bench.py", *sys.argv[1:]])
+    command_line = " ".join(["python", "benchmarks/low_temperature_bench.py",
+                             *[a for a in sys.argv[1:] if a != "--reuse-bench"]])
     runs = {}
     for candidates in [int(c) for c in args.candidates.split(",")]:
         bench_out = work / "low_temperature" / f"bench_N{candidates}.json"
+        if args.reuse_bench and bench_out.is_file():
+            runs[candidates] = json.loads(bench_out.read_text())
+            continue
         os.environ["CALM_EDGE_BENCH_COMMAND"] = command_line
         bench.calm_edge("bench", *[a for p in packages for a in ("--package", p)], "--out", bench_out,
                         "--prompt-lengths", "64", "--new-tokens", str(args.new_tokens), "--temperatures", "1,1/2",
@@ -126,10 +186,16 @@ def main():
         "suite": args.suite,
         "packages": [str(p) for p in packages],
         "machine": next(iter(runs.values()))["machine"],
-        "by_candidates": {str(n): {"settings": r["settings"], "comparisons": r["comparisons"],
+        "by_candidates": {str(n): {"settings": r["settings"],
+                                   "decode_tokens_per_s": {runner["name"]: {key: cell["decode_tokens_per_s"]
+                                                                            for key, cell in runner["cells"].items()}
+                                                           for runner in r["runners"]},
+                                   "comparisons": r["comparisons"],
                                    "low_temperature_cost": r["low_temperature_cost"]} for n, r in runs.items()},
         "head_traffic": [t for p in packages for n in runs for b in batches
                          if (t := head_traffic(p, 0.5, n, b)) is not None],
+        "lazy_against_plain": [r for p in packages for n in runs for b in batches
+                               if (r := lazy_against_plain(p, n, b, new_tokens=32 if n > 64 else 64)) is not None],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

@@ -112,10 +112,7 @@ def lazy_batch_choice(count, chunk_size, n, u):
     groups = [(0, list(range(count)))]  # (depth, members): the members agree on positions < depth
 
     def missing(candidates, start=0):
-        wanted = []
-        for j in candidates:
-            wanted += [(j, p) for p in range(start, K) if tokens[j][p] is None and (j, p) not in wanted]
-        return wanted
+        return [(j, p) for j in candidates for p in range(start, K) if tokens[j][p] is None]
 
     def split_groups():
         settled, pending = [], list(groups)
@@ -137,17 +134,14 @@ def lazy_batch_choice(count, chunk_size, n, u):
     def unsettled():
         return [(depth, members) for depth, members in groups if len(members) > 1 and depth < K]
 
-    requests = [(j, 0) for j in range(count)]
-    requests += [r for r in missing([batch_choice(list(range(count)), n, u)], 1) if r not in requests]
+    requests = [(j, 0) for j in range(count)] + missing([batch_choice(list(range(count)), n, u)], 1)
     while requests:
         received = yield requests
         for (j, p), token in zip(requests, received):
             tokens[j][p] = int(token)
         groups = split_groups()
-        if unsettled():
-            requests = []
-            for depth, members in unsettled():
-                requests += [r for r in missing(members, depth) if r not in requests]
+        if unsettled():  # groups are disjoint, so no position is asked for twice
+            requests = [r for depth, members in unsettled() for r in missing(members, depth)]
         else:
             requests = missing([pick()])
     return tuple(tokens[pick()])
