@@ -200,3 +200,22 @@ def test_upgrade_splits_a_whole_package_without_changing_a_token(whole_calm, pac
         result = CliRunner().invoke(main, ["upgrade", "--package", str(source), "--out", str(tmp_path / "again")])
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
         assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int8-static", "int4"])
+def test_a_quantized_head_gives_each_row_the_token_it_gives_in_any_company(packages, corpus_jsonl, tmp_path, mode):
+    """What lazy decoding relies on, for every head it sends subsets to: a row's token does not depend on its call."""
+    from calm_edge.export.quantize import quantize_package
+
+    extra = {"calibration_data": [str(corpus_jsonl)]} if mode == "int8-static" else {}
+    manifest = quantize_package(packages["calm"], tmp_path / mode, mode, progress=False, **extra)
+    assert manifest.decoder_head_rows_independent
+    model = Model(tmp_path / mode)
+    rng = np.random.default_rng(7)
+    latents = rng.standard_normal((256, model.manifest.latent_size)).astype(np.float32) * 2
+    states = model.decoder_states(latents).reshape(-1, model.manifest.model_section["decoder_hidden_size"])
+    together = model.head_tokens(states)
+    for size in (1, 2, 3, 19, 100):
+        for _ in range(5):
+            rows = rng.choice(len(states), size, replace=False)
+            assert np.array_equal(model.head_tokens(states[rows]), together[rows]), (mode, size)
