@@ -256,11 +256,19 @@ def atomic_output_dir(out, force=False, what="output", inputs=None):
             raise os_error(e, out, blame_path=True) from None
 
 
+# A copy (shutil.copyfile) names the source first and the destination second; these errors are
+# the destination's, whichever file they name first.
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
 def _error_inside(error, out, tmp):
     """An `OSError` raised while filling `tmp`: a write of `out` if it names a file there, else a read."""
     if not error.filename:
         return os_error(error, out)
-    name, inside = Path(os.path.abspath(error.filename)), Path(tmp).absolute()
+    filename = error.filename
+    if error.errno in _WRITE_ERRORS and getattr(error, "filename2", None):
+        filename = error.filename2
+    name, inside = Path(os.path.abspath(filename)), Path(tmp).absolute()
     if not name.is_relative_to(inside):
         return os_error(error, name, verb="read")
     shown = out / name.relative_to(inside)  # the name the file would have had, not the hidden temporary's
