@@ -23,6 +23,7 @@ be equal), which is lazy decoding's own gain.
 Packages under --work are reused, so a rerun only measures.
 """
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -63,6 +64,15 @@ def split_if_whole(package, work):
     return upgraded
 
 
+def wikitext_prompts(model, count):
+    """`count` prompts of up to 64 tokens from the first WikiText-103 test documents (or fixed ids without them)."""
+    if not TEXT.is_file():
+        return [[5, 6, 7, 8]] * count
+    with TEXT.open(encoding="utf-8") as documents:
+        texts = [json.loads(line)["text"] for line in itertools.islice(documents, count)]
+    return [model.tokenizer.encode(text[:400])[:64] for text in texts]
+
+
 def head_traffic(package, temperature, candidates, batch, prompts=4, new_tokens=64, seed=0):
     """Per step: decoder-head calls and positions sent, from untimed generations (lazy decoding's work)."""
     from calm_edge.runtime.generator import Generator, GeneratorParams
@@ -71,8 +81,7 @@ def head_traffic(package, temperature, candidates, batch, prompts=4, new_tokens=
     model = Model(package, threads=2)
     if model.kind != "calm":
         return None
-    text = [json.loads(line)["text"] for line in TEXT.open()][:prompts * batch] if TEXT.is_file() else []
-    prompt_ids = [model.tokenizer.encode(t[:400])[:64] for t in text] or [[5, 6, 7, 8]] * (prompts * batch)
+    prompt_ids = wikitext_prompts(model, prompts * batch)
     steps = calls = rows = 0
     for start in range(0, len(prompt_ids), batch):
         params = GeneratorParams(max_new_tokens=new_tokens, temperature=temperature, candidates=candidates,
@@ -103,8 +112,7 @@ def lazy_against_plain(package, candidates, batch, threads=2, new_tokens=64, rou
     model = Model(package, threads=threads)
     if model.kind != "calm" or not model.manifest.decoder_head_rows_independent:
         return None
-    text = [json.loads(line)["text"] for line in TEXT.open()][:batch] if TEXT.is_file() else []
-    prompts = [model.tokenizer.encode(t[:400])[:64] for t in text] or [[5, 6, 7, 8]] * batch
+    prompts = wikitext_prompts(model, batch)
     params = GeneratorParams(max_new_tokens=new_tokens, temperature=0.5, candidates=candidates, seed=seed,
                              stop_at_eos=False)
     lazy_property = StepState.lazy_decoding

@@ -127,11 +127,10 @@ def upgrade_package(source, out, force=False, seed=0):
                     shutil.copyfile(manifest.file(graph.external_data["file"]), tmp / graph.external_data["file"])
         shutil.copyfile(manifest.tokenizer_path, tmp / manifest.tokenizer_file)
         body, head, width = _cut(onnx.load(str(manifest.graph_path("decoder"))))
-        specs = package.graph_specs("calm", {**manifest.model_section, "decoder_layout": "split",
-                                             "decoder_hidden_size": width})
+        model = {**manifest.model_section, "decoder_layout": "split", "decoder_hidden_size": width}
+        specs = package.graph_specs("calm", model)
         onnx.save(body, str(tmp / specs["decoder"]["file"]))
         onnx.save(head, str(tmp / specs["decoder_head"]["file"]))
-        model = {**manifest.model_section, "decoder_layout": "split", "decoder_hidden_size": width}
         quantization = dict(manifest.quantization)
         modes = dict(quantization.get("graphs", {}))
         modes["decoder_head"] = modes.get("decoder", "fp32")

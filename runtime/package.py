@@ -297,6 +297,13 @@ class Manifest(Mapping):
                                    outputs=g["outputs"], external_data=g.get("external_data"))
                        for name, g in data["graphs"].items()}
         self.quantization = data["quantization"]
+        # Whether the decoder head's token id for a row depends on that row alone (split packages):
+        # true unless the head was quantized with activations scaled over a whole call
+        # (ROW_DEPENDENT_MODES); only then may a runtime send it a subset of the positions. Known
+        # once here, since every lazy step asks.
+        self.decoder_head_rows_independent = (
+            self.decoder_layout == "split"
+            and self.graph_modes.get("decoder_head", "fp32") not in ROW_DEPENDENT_MODES)
         self.provenance = data.get("provenance") or {}
         self.validation = data.get("validation") or {}
 
@@ -344,16 +351,6 @@ class Manifest(Mapping):
     @property
     def step_output_width(self):
         return self.vocab_size if self.kind == "ar" else self.hidden_size
-
-    @property
-    def decoder_head_rows_independent(self):
-        """Whether the decoder head's token id for a row depends on that row alone (split packages).
-
-        True unless the head was quantized with activations scaled over a whole call
-        (ROW_DEPENDENT_MODES); only then may a runtime send it a subset of the positions.
-        """
-        return (self.decoder_layout == "split"
-                and self.graph_modes.get("decoder_head", "fp32") not in ROW_DEPENDENT_MODES)
 
     def specs(self):
         """{graph name: spec} of this package's graphs (see `graph_specs`)."""

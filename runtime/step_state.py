@@ -19,17 +19,17 @@ class TimedSampling:
     Shared by `StepState` and the runtime's `Engine`: both have `self.model` and `self.timings`.
     """
 
-    def sample_latents(self, hidden, noise):
+    def _timed(self, stage, call, *args):
         began = time.perf_counter()
-        latents = self.model.sample_latents(hidden, noise)
-        self.timings["energy_head"] += time.perf_counter() - began
-        return latents
+        result = call(*args)
+        self.timings[stage] += time.perf_counter() - began
+        return result
+
+    def sample_latents(self, hidden, noise):
+        return self._timed("energy_head", self.model.sample_latents, hidden, noise)
 
     def decode(self, latents):
-        began = time.perf_counter()
-        token_ids = self.model.decode(latents)
-        self.timings["decoder"] += time.perf_counter() - began
-        return token_ids
+        return self._timed("decoder", self.model.decode, latents)
 
     # A split decoder's two graphs, for lazy decoding (sampling.lazy_batch_choice); the head's
     # time counts as the decoder's, so timings keep one entry per stage.
@@ -40,17 +40,11 @@ class TimedSampling:
         return self.model.manifest.decoder_head_rows_independent
 
     def decoder_states(self, latents):
-        began = time.perf_counter()
-        states = self.model.decoder_states(latents)
-        self.timings["decoder"] += time.perf_counter() - began
-        return states
+        return self._timed("decoder", self.model.decoder_states, latents)
 
     def head_tokens(self, states):
-        began = time.perf_counter()
-        token_ids = self.model.head_tokens(states)
-        self.timings["decoder"] += time.perf_counter() - began
         self.head_calls, self.head_rows = self.head_calls + 1, self.head_rows + len(states)
-        return token_ids
+        return self._timed("decoder", self.model.head_tokens, states)
 
     head_calls = head_rows = 0  # lazy decoding's head calls and the positions sent (benchmarks report them)
 
