@@ -80,11 +80,19 @@ def _client(url):
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
 
-def _metric(url, name):
+def _metric(url, name, labels=""):
+    """The value of metric `name` ({labels} as /metrics prints them, e.g. 'endpoint="/v1/models",status="200"')."""
     for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith(name + " ") or line.startswith(name + "{" + labels):
             return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
+    raise AssertionError(f"{name}{{{labels}}} not in /metrics")
+
+
+def _answered(url, endpoint, status):
+    try:
+        return _metric(url, "calm_edge_requests_total", f'endpoint="{endpoint}",status="{status}"')
+    except AssertionError:
+        return 0.0
 
 
 def test_completions_plain_and_streamed_equal_calm_edge_generate(calm_server, calm_model):
@@ -172,9 +180,11 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize("what,body,status,param", BAD_REQUESTS, ids=[r[0] for r in BAD_REQUESTS])
 def test_bad_requests_get_a_4xx_with_an_openai_error_body(calm_server, what, body, status, param):
+    answered = _answered(calm_server, "/v1/completions", status)
     response = httpx.post(calm_server + "/v1/completions", content=body,
                           headers={"Content-Type": "application/json"}, timeout=30)
     assert response.status_code == status, response.text
+    assert _answered(calm_server, "/v1/completions", status) == answered + 1  # /metrics counted it, once
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param

@@ -61,6 +61,28 @@ class BodyLimit:
             await _too_large(self.limit, send)
 
 
+class CountRequests:
+    """ASGI middleware: counts every response by path and status in the metrics.
+
+    Plain ASGI rather than FastAPI's `@app.middleware("http")`: that one relays a streaming
+    response through a stream and a task of its own, a cost paid on every server-sent event.
+    """
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(scope["path"], str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted_send)
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -101,12 +123,6 @@ def create_app(model, max_batch=16, max_queue=256, batching="continuous", reques
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
         return _error(exc.status_code, protocol.error_body(str(exc.detail), code=exc.status_code))
-
-    @app.middleware("http")
-    async def count_requests(request, call_next):
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
 
     @app.get("/health")
     async def health():
@@ -235,7 +251,9 @@ def create_app(model, max_batch=16, max_queue=256, batching="continuous", reques
     async def chat_completions(request: Request):
         return await respond(request, protocol.ChatRequest, chat=True)
 
-    return BodyLimit(app, max_body_bytes)
+    outer = CountRequests(BodyLimit(app, max_body_bytes), metrics)  # outermost: a 413 is counted too
+    outer.state = app.state  # the worker and metrics, as on the FastAPI app
+    return outer
 
 
 def _event(obj):
@@ -272,7 +290,7 @@ def serve(model, host="127.0.0.1", port=8000, shutdown_timeout=30.0, log_level="
     server.startup = startup
 
     def on_signal(sig, frame):
-        app.app.state.worker.begin_stop(shutdown_timeout)
+        app.state.worker.begin_stop(shutdown_timeout)
         handle_exit(sig, frame)
     server.handle_exit = on_signal
     server.run()
