@@ -6,7 +6,8 @@
 
 Both run a `Generator` (generator.py). Several prompts are generated as one left-padded batch.
 Streaming yields text as each step's tokens arrive (K at a time for CALM), holding back an
-incomplete UTF-8 character until its last byte arrives. A stop sequence ends a sequence: its
+incomplete UTF-8 character until its last byte arrives, and text that a stop sequence begins
+with until the stop sequence completes (then it is cut) or cannot (then it is released). A stop sequence ends a sequence: its
 text is cut before the stop sequence; its token ids are those generated up to and including the
 step that completed it.
 """
@@ -25,29 +26,76 @@ class GenerationResult:
 
 
 class TextTracker:
-    """Decodes one row's tokens incrementally and watches for stop sequences."""
+    """Decodes one row's tokens incrementally and watches for stop sequences.
+
+    `text` is always what decoding all of the row's ids gives (cut before a stop sequence), and
+    the pieces `add` and `finish` return add up to it. A piece holds back what may still change
+    or vanish: an incomplete UTF-8 character at the end (it decodes to U+FFFD until its last
+    byte arrives), and an end of the text that a stop sequence begins with (streamed, it could
+    not be taken back when the stop sequence completes and cuts it off).
+
+    Each step decodes only the ids of the last two steps, not the whole row, as Hugging Face's
+    and vLLM's incremental detokenizers do: the new text is decode(ids[prefix:]) less
+    decode(ids[prefix:read]), where `read` is where the settled text ends and `prefix` where it
+    ended a step before (decoding from one step back keeps whatever a tokenizer does at the
+    start of a decode, such as dropping a leading space, out of the new text). A step settles
+    once its text ends in a whole character. Should a decode from `prefix` not begin with the
+    text it gave before, the tokenizer is decoded whole from then on.
+    """
 
     def __init__(self, tokenizer, stop_sequences):
         self.tokenizer, self.stop_sequences = tokenizer, [s for s in stop_sequences if s]
         self.ids, self.text, self.emitted, self.stopped = [], "", 0, False
+        self._prefix = self._read = 0  # token offsets: see the class docstring
+        self._settled, self._known = "", ""  # the text of ids[:read]; decode(ids[prefix:read])
+        self._whole = False  # decode everything at each step (a tokenizer the offsets do not suit)
 
     def add(self, new_ids):
         """Returns the new printable text; sets `stopped` when a stop sequence completed."""
+        searched = self.emitted  # no stop sequence can begin before the text already released
         self.ids.extend(new_ids)
-        self.text = self.tokenizer.decode(self.ids)
-        cut = min((i for i in (self.text.find(s) for s in self.stop_sequences) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.stopped = self.text[:cut], True
-        ready = len(self.text) if self.stopped else len(self.text.rstrip("\ufffd"))
+        self.text = self._decode()
+        cuts = [i for i in (self.text.find(s, searched) for s in self.stop_sequences) if i >= 0]
+        if cuts:
+            self.text, self.stopped = self.text[:min(cuts)], True
+            ready = len(self.text)
+        else:
+            whole = self.text.rstrip("\ufffd")
+            ready = len(whole) - self._stop_start(whole)
         piece = self.text[self.emitted:ready]
         self.emitted = max(self.emitted, ready)
         return piece
 
     def finish(self):
-        """The text held back at the end (a UTF-8 character whose last bytes never came, as U+FFFD)."""
+        """The text held back at the end: an incomplete UTF-8 character (as U+FFFD), or the start of a stop sequence that never completed."""
         piece = self.text[self.emitted:]
         self.emitted = len(self.text)
         return piece
+
+    def _decode(self):
+        decode = self.tokenizer.decode
+        if self._whole:
+            return decode(self.ids)
+        tail = decode(self.ids[self._prefix:])
+        if not tail.startswith(self._known):
+            self._whole = True
+            return decode(self.ids)
+        text = self._settled + tail[len(self._known):]
+        if not text.endswith("\ufffd"):
+            known = decode(self.ids[self._read:])
+            if known:  # ids that decode to nothing (special ids) would leave the next step nothing to measure by
+                self._prefix, self._read, self._settled, self._known = self._read, len(self.ids), text, known
+        return text
+
+    def _stop_start(self, text):
+        """How many characters at the end of `text` a stop sequence begins with (the longest such end)."""
+        longest = 0
+        for stop in self.stop_sequences:
+            for length in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest
 
 
 def _encode_prompts(model, prompts):

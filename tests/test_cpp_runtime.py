@@ -191,6 +191,26 @@ def test_cpp_streams_the_text_of_the_python_runtime(cpp_build, packages):
     assert done.stdout == expected + "\n"
 
 
+def test_cpp_streams_no_part_of_a_stop_sequence_and_releases_one_that_never_completes(cpp_build, packages):
+    model = Model(packages["calm"], threads=1)
+    free = GeneratorParams(max_new_tokens=32, seed=5, stop_at_eos=False)
+    pieces = [p for p in stream(model, PROMPTS[1], free) if p]
+    text = "".join(pieces)
+    # A stop sequence that begins in one step's text and ends in the next: the first part must be
+    # held back, or the stream would show text that the cut then removes.
+    j = next(j for j in range(1, len(pieces) - 1) if len(pieces[j + 1]) >= 2 and pieces[j].strip())
+    spanning = pieces[j][-1] + pieces[j + 1][:2]
+    # The text's last characters begin a stop sequence that never follows: released at the end.
+    never = text[-2:] + "\u00a7never"
+    for stop, expected in ((spanning, text[:text.find(spanning)]), (never, text)):
+        params = GeneratorParams(max_new_tokens=32, seed=5, stop_at_eos=False, stop_sequences=(stop,))
+        assert "".join(stream(model, PROMPTS[1], params)) == expected
+        done = run_program(packages["calm"], PROMPTS[1], "--max-new-tokens", 32, "--seed", 5, "--no-stop-at-eos",
+                           "--stop", stop, "--threads", 1)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == expected + "\n", stop
+
+
 def test_the_readme_example_runs(cpp_build, packages):
     model = Model(packages["calm"])
     expected = generate(model, PROMPTS[0], GeneratorParams(max_new_tokens=64, temperature=0.5, seed=1)).text

@@ -149,6 +149,18 @@ def test_models_health_and_metrics(calm_server):
         assert name in text
 
 
+def test_an_event_is_one_line_to_every_line_reader_whatever_the_text():
+    from httpx._decoders import LineDecoder  # what httpx's aiter_lines reads a stream with
+
+    from calm_edge.serve.app import _event
+
+    text = "a\x85b\u2028c\u2029d\ne\rf\r\ng\x0bh\x0ci\x1cj\x1dk\x1el 日本 🙂"  # every break str.splitlines knows
+    event = _event(protocol.Responder(False, "m", 1).chunk(text))
+    for lines in (event.splitlines(), LineDecoder().decode(event), event.split("\n")):
+        assert [line for line in lines if line] == [event.strip()]
+    assert json.loads(event.strip()[len("data: "):])["choices"][0]["text"] == text
+
+
 LONG_PROMPT = "word " * 3000
 BAD_REQUESTS = [
     # (what, body bytes, status, param)

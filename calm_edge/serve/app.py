@@ -256,8 +256,14 @@ def create_app(model, max_batch=16, max_queue=256, batching="continuous", reques
     return outer
 
 
+# Server-sent events end a line at CR or LF only, but clients that read them with Python's
+# str.splitlines (httpx's aiter_lines among them) also break lines at U+0085, U+2028 and U+2029.
+# JSON escapes every other line break; these three are escaped too, so any text streams intact.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _event(obj):
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 def serve(model, host="127.0.0.1", port=8000, shutdown_timeout=30.0, log_level="warning", on_ready=None, **options):
