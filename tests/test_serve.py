@@ -115,6 +115,21 @@ def test_completions_plain_and_streamed_equal_calm_edge_generate(calm_server, ca
     assert json.loads(done.stdout)["text"] == whole.choices[0].text
 
 
+def test_a_stop_sequence_across_two_chunks_is_never_streamed(calm_server, calm_model):
+    client = _client(calm_server)
+    chunks = [c.choices[0].text for c in client.completions.create(
+        model="calm", prompt=PROMPT, max_tokens=32, seed=4, stream=True, extra_body={"extra": {"ignore_eos": True}})
+        if c.choices and c.choices[0].text]
+    j = next(j for j in range(1, len(chunks) - 1) if len(chunks[j + 1]) >= 2 and chunks[j].strip())
+    stop = chunks[j][-1] + chunks[j + 1][:2]  # begins in one step's text, ends in the next's
+    expected = generate(calm_model, PROMPT, GeneratorParams(max_new_tokens=32, seed=4, stop_at_eos=False,
+                                                            stop_sequences=(stop,)))
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="calm", prompt=PROMPT, max_tokens=32, seed=4, stream=True, stop=[stop],
+        extra_body={"extra": {"ignore_eos": True}}) if c.choices)
+    assert expected.stopped_by == "stop_sequence" and streamed == expected.text == "".join(chunks)[:len(streamed)]
+
+
 def test_temperature_half_and_calm_sampler_settings_travel_in_extra(calm_server, calm_model):
     client = _client(calm_server)
     for method, candidates in (("batch", 8), ("exact", 16)):

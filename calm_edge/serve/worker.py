@@ -218,7 +218,7 @@ class EngineWorker:
         self.jobs.pop(job.id, None)
         self.metrics.duration.observe(time.perf_counter() - job.arrived)
         if reason is not None:
-            rest = job.tracker.finish()  # text held back for a UTF-8 character that never completed
+            rest = job.tracker.finish()  # text held back: an unfinished UTF-8 character or stop sequence
             if rest:
                 self._batch.append((job, ("text", rest, 0)))
             self._flush()  # the text of this step first
