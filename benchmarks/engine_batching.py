@@ -100,7 +100,8 @@ def main(argv=None):
     for rnd in range(args.rounds):
         rate = {r["batching"]: r["output_tokens_per_s"] for r in runs if r["round"] == rnd}
         by_round.append(round(rate["continuous"] / rate["static"], 3))
-    report = {"benchmark": "engine_batching", "command": "python benchmarks/engine_batching.py " + " ".join(argv or sys.argv[1:]),
+    command = " ".join(["python benchmarks/engine_batching.py", *(argv if argv is not None else sys.argv[1:])])
+    report = {"benchmark": "engine_batching", "command": command,
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": serve.machine(), "versions": serve.versions(),
               "settings": {k: v for k, v in vars(args).items() if k != "out"},
