@@ -71,7 +71,8 @@ def closed_loop(model, tokenizer, specs, batching, concurrency, max_batch):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--package", default=str(serve.SMALL["calm"]), help="Package (default the committed small CALM).")
+    parser.add_argument("--package", default=str(serve.SMALL["calm"]),
+                        help="Package (default the committed small CALM).")
     parser.add_argument("--name", default="small", help="Names the results file: engine_batching_<name>.json.")
     parser.add_argument("--requests", type=int, default=200, help="Requests per run (default 200).")
     parser.add_argument("--rounds", type=int, default=3, help="Times the two batchings take turns (default 3).")
@@ -95,7 +96,8 @@ def main(argv=None):
             run = {"round": rnd, **closed_loop(model, tokenizer, specs, batching, args.concurrency, args.max_batch)}
             runs.append(run)
             print(f"  round {rnd} {batching}: {run['output_tokens_per_s']} tokens/s, {run['steps']} steps "
-                  f"({run['admission_steps']} admitting), graphs {run['graph_s']}, other {run['other_s']} s", flush=True)
+                  f"({run['admission_steps']} admitting), graphs {run['graph_s']}, other {run['other_s']} s",
+                  flush=True)
     by_round = []
     for rnd in range(args.rounds):
         rate = {r["batching"]: r["output_tokens_per_s"] for r in runs if r["round"] == rnd}

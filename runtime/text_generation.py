@@ -7,9 +7,9 @@
 Both run a `Generator` (generator.py). Several prompts are generated as one left-padded batch.
 Streaming yields text as each step's tokens arrive (K at a time for CALM), holding back an
 incomplete UTF-8 character until its last byte arrives, and text that a stop sequence begins
-with until the stop sequence completes (then it is cut) or cannot (then it is released). A stop sequence ends a sequence: its
-text is cut before the stop sequence; its token ids are those generated up to and including the
-step that completed it.
+with until the stop sequence completes (then it is cut) or cannot (then it is released). A stop
+sequence ends a sequence: its text is cut before the stop sequence; its token ids are those
+generated up to and including the step that completed it.
 """
 from dataclasses import dataclass
 
@@ -67,7 +67,8 @@ class TextTracker:
         return piece
 
     def finish(self):
-        """The text held back at the end: an incomplete UTF-8 character (as U+FFFD), or the start of a stop sequence that never completed."""
+        """The text held back at the end: an incomplete UTF-8 character (as U+FFFD), or the start of a
+        stop sequence that never completed."""
         piece = self.text[self.emitted:]
         self.emitted = len(self.text)
         return piece
