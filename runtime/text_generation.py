@@ -60,8 +60,8 @@ class TextTracker:
             self.text, self.stopped = self.text[:min(cuts)], True
             ready = len(self.text)
         else:
-            whole = self.text.rstrip("\ufffd")
-            ready = len(whole) - self._stop_start(whole)
+            printable = self.text.rstrip("\ufffd")
+            ready = len(printable) - self._stop_start(printable)
         piece = self.text[self.emitted:ready]
         self.emitted = max(self.emitted, ready)
         return piece

@@ -80,19 +80,21 @@ def _client(url):
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
 
-def _metric(url, name, labels=""):
-    """The value of metric `name` ({labels} as /metrics prints them, e.g. 'endpoint="/v1/models",status="200"')."""
+def _metric(url, name, labels="", absent=None):
+    """The value of metric `name` ({labels} as /metrics prints them, e.g. 'endpoint="/v1/models",status="200"').
+
+    A metric not printed is an error, unless `absent` gives its value (a labelled counter shows
+    only the label values it has counted)."""
     for line in httpx.get(url + "/metrics").text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{" + labels):
             return float(line.rsplit(" ", 1)[1])
+    if absent is not None:
+        return absent
     raise AssertionError(f"{name}{{{labels}}} not in /metrics")
 
 
 def _answered(url, endpoint, status):
-    try:
-        return _metric(url, "calm_edge_requests_total", f'endpoint="{endpoint}",status="{status}"')
-    except AssertionError:
-        return 0.0
+    return _metric(url, "calm_edge_requests_total", f'endpoint="{endpoint}",status="{status}"', absent=0.0)
 
 
 def test_completions_plain_and_streamed_equal_calm_edge_generate(calm_server, calm_model):
